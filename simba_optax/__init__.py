@@ -1,0 +1,9 @@
+"""Simba, a randomized coarse-model preconditioned gradient method, for Optax."""
+
+from simba_optax._matrix_view import SimbaDimensionNumbers
+from simba_optax._simba import SimbaState
+from simba_optax._simba import simba
+
+__version__ = "0.1.0"
+
+__all__ = ["SimbaDimensionNumbers", "SimbaState", "simba"]

@@ -1,0 +1,215 @@
+"""Matrix view of a parameter leaf: which axis holds the rows Simba samples.
+
+Simba preconditions each leaf as a stack of matrices of shape ``(n, d)``. The
+``row_axis`` gives the ``n`` rows that the coarse model samples. Every other
+axis, except the ``batch_axes``, is flattened into the ``d`` columns in its
+original order. Batch axes (stacked layers from ``nn.scan``, attention heads
+that should not share a preconditioner) are moved to the front and mapped
+over, so each slice is its own matrix with its own sample.
+
+Cost: one transpose and one reshape of the leaf, no arithmetic.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class SimbaDimensionNumbers(NamedTuple):
+  """Axes of a parameter leaf that form Simba's matrices.
+
+  Attributes:
+    row_axis: axis whose entries are the rows of the matrix view, the axis
+      that Simba samples. The default, the last axis, is the output features
+      of Flax and Haiku kernels (Dense ``(in, out)``, Conv ``(..., in, out)``).
+      Negative values count from the end.
+    batch_axes: axes mapped over, each slice a separate matrix with its own
+      sample (for example the layer axis of stacked layers).
+  """
+
+  row_axis: int = -1
+  batch_axes: Sequence[int] = ()
+
+
+DimensionNumbersSpec = (
+    SimbaDimensionNumbers
+    | Any
+    | Callable[[Any], Any]
+    | None
+)
+
+
+class LeafView(NamedTuple):
+  """Static description of one leaf's matrix view.
+
+  Attributes:
+    shape: shape of the leaf.
+    row_axis: the row axis, normalised to ``[0, ndim)``; ``None`` for a scalar.
+    batch_axes: the batch axes, normalised and sorted.
+    batch_size: number of matrices, the product of the batch axes' sizes.
+    rows: ``n``, the number of rows of each matrix.
+    columns: ``d``, the number of columns of each matrix.
+  """
+
+  shape: tuple[int, ...]
+  row_axis: int | None
+  batch_axes: tuple[int, ...]
+  batch_size: int
+  rows: int
+  columns: int
+
+  @property
+  def permutation(self) -> tuple[int, ...]:
+    """Axis order that puts the batch axes first, then the row axis."""
+    if self.row_axis is None:
+      return ()
+    leading = self.batch_axes + (self.row_axis,)
+    rest = tuple(a for a in range(len(self.shape)) if a not in leading)
+    return leading + rest
+
+
+def is_dimension_numbers(value: Any) -> bool:
+  return isinstance(value, SimbaDimensionNumbers)
+
+
+def _normalize_axis(axis: Any, ndim: int, what: str, path: str) -> int:
+  if isinstance(axis, bool) or not isinstance(axis, int):
+    raise TypeError(
+        f"simba: {what} for leaf {path} must be an int, got {axis!r}."
+    )
+  if not -ndim <= axis < ndim:
+    raise ValueError(
+        f"simba: {what}={axis} is out of range for leaf {path} with"
+        f" {ndim} dimensions; the allowed range is [{-ndim}, {ndim}). Pass"
+        " SimbaDimensionNumbers with valid axes for this leaf."
+    )
+  return axis % ndim
+
+
+def make_leaf_view(
+    shape: Sequence[int], dims: SimbaDimensionNumbers | None, path: str
+) -> LeafView:
+  """Builds the matrix view of a leaf, validating ``dims`` against its shape.
+
+  Args:
+    shape: shape of the leaf.
+    dims: the leaf's dimension numbers; ``None`` means the default.
+    path: the leaf's path in the parameter tree, used in error messages.
+
+  Returns:
+    The leaf's ``LeafView``.
+
+  Raises:
+    TypeError: if ``dims`` is not a ``SimbaDimensionNumbers`` or an axis is
+      not an int.
+    ValueError: if an axis is out of range, repeated, or both a row and a
+      batch axis.
+  """
+  shape = tuple(int(s) for s in shape)
+  if dims is None:
+    dims = SimbaDimensionNumbers()
+  if not is_dimension_numbers(dims):
+    raise TypeError(
+        f"simba: dimension numbers for leaf {path} must be"
+        f" SimbaDimensionNumbers or None, got {dims!r}."
+    )
+
+  batch_axes = dims.batch_axes
+  if isinstance(batch_axes, int) and not isinstance(batch_axes, bool):
+    batch_axes = (batch_axes,)
+  if not isinstance(batch_axes, Sequence):
+    raise TypeError(
+        f"simba: batch_axes for leaf {path} must be a sequence of ints, got"
+        f" {dims.batch_axes!r}."
+    )
+
+  ndim = len(shape)
+  if ndim == 0:
+    # A scalar is a 1 x 1 matrix. Row axis -1 or 0 names its only entry.
+    _normalize_axis(dims.row_axis, 1, "row_axis", path)
+    if batch_axes:
+      raise ValueError(
+          f"simba: leaf {path} is a scalar, so it has no batch axes; got"
+          f" batch_axes={tuple(batch_axes)}. Use batch_axes=() for it."
+      )
+    return LeafView(shape, None, (), 1, 1, 1)
+
+  row_axis = _normalize_axis(dims.row_axis, ndim, "row_axis", path)
+  normalized = tuple(
+      _normalize_axis(a, ndim, "batch_axes entry", path) for a in batch_axes
+  )
+  if len(set(normalized)) != len(normalized):
+    raise ValueError(
+        f"simba: batch_axes={tuple(batch_axes)} for leaf {path} with shape"
+        f" {shape} repeats an axis. List each batch axis once."
+    )
+  if row_axis in normalized:
+    raise ValueError(
+        f"simba: row_axis={dims.row_axis} is also in"
+        f" batch_axes={tuple(batch_axes)} for leaf {path} with shape {shape}."
+        " An axis is either the row axis or a batch axis."
+    )
+
+  normalized = tuple(sorted(normalized))
+  batch_size = math.prod(shape[a] for a in normalized)
+  rows = shape[row_axis]
+  columns = math.prod(
+      s for a, s in enumerate(shape) if a != row_axis and a not in normalized
+  )
+  return LeafView(shape, row_axis, normalized, batch_size, rows, columns)
+
+
+def to_matrices(leaf: jax.Array, view: LeafView) -> jax.Array:
+  """Returns the leaf as a ``(batch_size, rows, columns)`` stack."""
+  stacked = jnp.transpose(leaf, view.permutation) if view.permutation else leaf
+  return stacked.reshape(view.batch_size, view.rows, view.columns)
+
+
+def from_matrices(matrices: jax.Array, view: LeafView) -> jax.Array:
+  """Inverts ``to_matrices``: returns the stack in the leaf's shape."""
+  if view.row_axis is None:
+    return matrices.reshape(view.shape)
+  permuted_shape = tuple(view.shape[a] for a in view.permutation)
+  inverse = tuple(sorted(range(len(view.shape)), key=view.permutation.__getitem__))
+  return jnp.transpose(matrices.reshape(permuted_shape), inverse)
+
+
+def _is_tree_leaf(value: Any) -> bool:
+  return value is None or isinstance(value, optax.MaskedNode)
+
+
+def resolve_dimension_numbers(spec: DimensionNumbersSpec, tree: Any) -> Any:
+  """Expands a dimension-numbers spec to a tree shaped like ``tree``.
+
+  Args:
+    spec: ``None`` (the default for every leaf), one
+      ``SimbaDimensionNumbers`` for every leaf, a tree of them (with ``None``
+      for the default) matching ``tree``, or a callable from ``tree`` to one
+      of these.
+    tree: the parameters or updates.
+
+  Returns:
+    A tree with the structure of ``tree`` (``None`` and ``optax.MaskedNode``
+    entries kept as leaves) whose leaves are ``SimbaDimensionNumbers`` or
+    ``None``.
+  """
+  if callable(spec) and not is_dimension_numbers(spec):
+    spec = spec(tree)
+  if spec is None or is_dimension_numbers(spec):
+    return jax.tree.map(lambda _: spec, tree, is_leaf=_is_tree_leaf)
+
+  try:
+    return jax.tree.map(
+        lambda _, dims: dims, tree, spec, is_leaf=_is_tree_leaf
+    )
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        "simba: dimension_numbers must be None, one SimbaDimensionNumbers,"
+        " a tree of them with the structure of the parameters, or a callable"
+        " that returns one of these; the tree given does not match the"
+        f" parameters: {error}"
+    ) from None
