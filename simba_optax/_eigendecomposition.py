@@ -170,7 +170,12 @@ def inverse_root_direction(
   a = block / safe_scale
   eps = jnp.asarray(eps, block.dtype) / safe_scale
 
-  if use_randomized(rows, columns, rank, oversampling, power_iterations):
+  if min(rows, columns) == 1:
+    # A single row or column has one singular value, its norm, so D is the
+    # block divided by max(norm, eps): no factorisation needed.
+    norm = jnp.sqrt(jnp.sum(a * a))
+    direction = a / jnp.maximum(norm, eps)
+  elif use_randomized(rows, columns, rank, oversampling, power_iterations):
     direction = _randomized_direction(
         a, key, rank, eps, oversampling, power_iterations
     )

@@ -38,33 +38,42 @@ def _is_empty(value: Any) -> bool:
   return value is None or isinstance(value, optax.MaskedNode)
 
 
-def _prepare_key(seed: Any) -> tuple[np.ndarray, Any]:
+def _prepare_key(seed: Any) -> tuple[jax.Array, Any]:
   """Returns the raw key data and the key implementation for ``seed``."""
-  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-    key = jax.random.key(int(seed))
-    return np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
-  if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-    if seed.shape != ():
-      raise ValueError(
-          f"simba: seed must be a single PRNG key, got a key array of shape"
-          f" {seed.shape}. Pass one key, for example jax.random.key(0)."
-      )
-    return np.asarray(jax.random.key_data(seed)), jax.random.key_impl(seed)
-  if isinstance(seed, (jax.Array, np.ndarray)) and seed.dtype == np.uint32:
-    # Raw key data, as jax.random.PRNGKey returns, of the default implementation.
+  # Under optax.inject_hyperparams the factory runs inside jit, where the
+  # key would otherwise become a traced value.
+  with jax.ensure_compile_time_eval():
+    if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+      if seed.shape != ():
+        raise ValueError(
+            "simba: seed must be a single PRNG key, got a key array of shape"
+            f" {seed.shape}. Pass one key, for example jax.random.key(0)."
+        )
+      return jax.random.key_data(seed), jax.random.key_impl(seed)
+
     default = jax.random.key(0)
-    if seed.shape != jax.random.key_data(default).shape:
-      raise ValueError(
-          f"simba: seed of shape {seed.shape} is not raw key data of the"
-          f" default PRNG implementation, which has shape"
-          f" {jax.random.key_data(default).shape}. Pass an int or a typed key"
-          " from jax.random.key."
+    raw_shape = jax.random.key_data(default).shape
+    if isinstance(seed, (jax.Array, np.ndarray)) and seed.dtype == np.uint32:
+      # Raw key data of the default implementation, as jax.random.PRNGKey returns.
+      if seed.shape != raw_shape:
+        raise ValueError(
+            f"simba: seed of shape {seed.shape} is not raw key data of the"
+            f" default PRNG implementation, which has shape {raw_shape}. Pass"
+            " an int or a typed key from jax.random.key."
+        )
+      return jnp.asarray(seed), jax.random.key_impl(default)
+
+    is_int = isinstance(seed, (int, np.integer)) or (
+        isinstance(seed, (jax.Array, np.ndarray)) and seed.shape == ()
+        and jnp.issubdtype(seed.dtype, jnp.integer)
+    )
+    if isinstance(seed, bool) or not is_int:
+      raise TypeError(
+          "simba: seed must be an int or a PRNG key from jax.random.key, got"
+          f" {seed!r}."
       )
-    return np.asarray(seed), jax.random.key_impl(default)
-  raise TypeError(
-      f"simba: seed must be an int or a PRNG key from jax.random.key, got"
-      f" {seed!r}."
-  )
+    key = jax.random.key(seed)
+    return jax.random.key_data(key), jax.random.key_impl(key)
 
 
 def _check_float_leaf(leaf: Any, path: str, what: str) -> None:

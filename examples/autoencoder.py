@@ -1,0 +1,495 @@
+"""Train a deep sigmoid autoencoder with Simba, Adam and SGD side by side.
+
+The network follows Hinton & Salakhutdinov (2006, "Reducing the dimensionality of
+data with neural networks", Science 313): sigmoid hidden layers, a linear code layer,
+a mirrored decoder and a sigmoid output. The loss is the mean squared error over
+pixels. Deep sigmoid stacks like this one have flat regions and vanishing gradients,
+which is where Simba's preconditioner is meant to help.
+
+By default the script trains on the 8x8 digits bundled with scikit-learn, so it needs
+no download. ``--mnist PATH`` trains the 784-1000-500-250-30 network on a local copy
+of MNIST instead (see ``examples/datasets.py`` for the accepted layouts).
+
+Every optimizer starts from the same initial parameters and sees the same batches in
+the same order. The script prints a Markdown table and writes ``results.md``,
+``results.json`` and ``loss_curves.png`` to ``--out``.
+
+Run from the repository root::
+
+    python examples/autoencoder.py
+    python examples/autoencoder.py --optimizers simba adam sgd --steps 5000
+    python examples/autoencoder.py --mnist PATH/TO/mnist --steps 2000 --eval-every 250
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python examples/autoencoder.py`: put the repository root on the path so
+    # that `examples.datasets` and an uninstalled `simba_optax` can be imported.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+from tqdm.auto import tqdm
+
+from examples import datasets
+
+# Encoder widths after the input; the decoder mirrors them. Both keep the depth of
+# the MNIST network (four encoder layers, eight weight layers in all), so the deep
+# sigmoid stack that makes the problem hard is the same. For the 64-pixel digits the
+# first layer expands the input as 784 -> 1000 does, the widths then halve, and the
+# 16-unit code is a quarter of the input: the 8x8 images have far less detail than
+# 28x28 ones, and a 30/784-sized code (about 2 units) would mostly measure the code
+# bottleneck, not the optimizer.
+DIGITS_ENCODER_SIZES = (256, 128, 64, 16)
+MNIST_ENCODER_SIZES = (1000, 500, 250, 30)  # Hinton & Salakhutdinov (2006)
+
+OPTIMIZER_NAMES = ("simba", "adam", "sgd")
+SGD_MOMENTUM = 0.9
+
+# Learning rates picked on the final train MSE of a grid over
+# {1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1, 5e-1} with the digits defaults; the
+# grid, the command and the machine are in examples/LR_GRID.md.
+DEFAULT_LEARNING_RATES = {"simba": 5e-2, "adam": 1e-3, "sgd": 1e-1}
+DEFAULT_STEPS = 3000
+DEFAULT_EVAL_EVERY = 100
+EVAL_BATCH_SIZE = 2048
+
+
+class Autoencoder(nn.Module):
+    """Mirrored dense autoencoder with sigmoid hidden units and a linear code layer.
+
+    ``encoder_sizes`` lists the widths after the input, the last one being the code.
+    The output has ``input_size`` sigmoid units, so reconstructions lie in (0, 1).
+    """
+
+    input_size: int
+    encoder_sizes: Sequence[int]
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        hidden = images
+        *encoder_hidden, code_size = self.encoder_sizes
+        for index, width in enumerate(encoder_hidden):
+            hidden = nn.sigmoid(nn.Dense(width, name=f"encoder_{index}")(hidden))
+        code = nn.Dense(code_size, name="code")(hidden)
+
+        hidden = code
+        for index, width in enumerate(reversed(encoder_hidden)):
+            hidden = nn.sigmoid(nn.Dense(width, name=f"decoder_{index}")(hidden))
+        return nn.sigmoid(nn.Dense(self.input_size, name="output")(hidden))
+
+
+def build_model(input_size: int, encoder_sizes: Sequence[int]) -> Autoencoder:
+    """Build the autoencoder for ``input_size`` pixels and the given encoder widths."""
+    if input_size < 1:
+        raise ValueError(f"input_size must be at least 1, got {input_size}.")
+    if not encoder_sizes or any(width < 1 for width in encoder_sizes):
+        raise ValueError(
+            f"encoder_sizes must be a non-empty list of positive widths, got {list(encoder_sizes)}."
+        )
+    return Autoencoder(input_size=input_size, encoder_sizes=tuple(encoder_sizes))
+
+
+def make_optimizer(
+    name: str,
+    learning_rate: float,
+    *,
+    coarse_fraction: float = 0.5,
+    rank: int = 20,
+    eps: float = 1e-8,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """Create the named optimizer as an Optax transformation that includes the step size.
+
+    ``coarse_fraction``, ``rank``, ``eps`` and ``seed`` are used by Simba only. SGD uses
+    heavy-ball momentum 0.9.
+    """
+    if name == "simba":
+        try:
+            import simba_optax
+        except ImportError as error:
+            raise ImportError(
+                "The simba optimizer needs the simba_optax package. Install it with "
+                "`pip install -e .` from the repository root, or run this script from there."
+            ) from error
+        return optax.chain(
+            simba_optax.simba(
+                coarse_fraction=coarse_fraction, rank=rank, eps=eps, seed=seed
+            ),
+            optax.scale_by_learning_rate(learning_rate),
+        )
+    if name == "adam":
+        return optax.adam(learning_rate)
+    if name == "sgd":
+        return optax.sgd(learning_rate, momentum=SGD_MOMENTUM)
+    raise ValueError(f"Unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}.")
+
+
+def make_batch_indices(
+    num_examples: int, batch_size: int, steps: int, seed: int
+) -> np.ndarray:
+    """Return a ``(steps, batch_size)`` array of example indices, shuffled once per epoch.
+
+    Each epoch is a fresh permutation cut into full batches; the few examples left
+    over at the end of an epoch are skipped in that epoch.
+    """
+    if batch_size > num_examples:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the {num_examples} training "
+            "examples; pass a smaller --batch-size."
+        )
+    rng = np.random.default_rng(seed)
+    batches_per_epoch = num_examples // batch_size
+    epochs = -(-steps // batches_per_epoch)
+    batches = [
+        rng.permutation(num_examples)[: batches_per_epoch * batch_size].reshape(
+            batches_per_epoch, batch_size
+        )
+        for _ in range(epochs)
+    ]
+    return np.concatenate(batches)[:steps].astype(np.int32)
+
+
+def reconstruction_mse(apply_fn, params, images: jax.Array) -> jax.Array:
+    """Return the mean squared reconstruction error over all pixels of ``images``."""
+    reconstructions = apply_fn({"params": params}, images)
+    return jnp.mean(jnp.square(reconstructions - images))
+
+
+@jax.jit
+def _train_chunk(
+    state: TrainState, images: jax.Array, batch_indices: jax.Array
+) -> tuple[TrainState, jax.Array]:
+    """Run one optimizer step per row of ``batch_indices`` and return the batch losses."""
+
+    def step(state, indices):
+        batch = images[indices]
+        loss, grads = jax.value_and_grad(reconstruction_mse, argnums=1)(
+            state.apply_fn, state.params, batch
+        )
+        return state.apply_gradients(grads=grads), loss
+
+    return jax.lax.scan(step, state, batch_indices)
+
+
+@jax.jit
+def _sum_squared_error(state: TrainState, images: jax.Array) -> jax.Array:
+    reconstructions = state.apply_fn({"params": state.params}, images)
+    return jnp.sum(jnp.square(reconstructions - images))
+
+
+def evaluate_mse(state: TrainState, images: jax.Array) -> float:
+    """Return the MSE over all of ``images``, evaluated in batches to bound memory."""
+    total = 0.0
+    for start in range(0, images.shape[0], EVAL_BATCH_SIZE):
+        total += float(_sum_squared_error(state, images[start : start + EVAL_BATCH_SIZE]))
+    return total / images.size
+
+
+@dataclasses.dataclass
+class TrainingRecord:
+    """Losses and timings of one training run.
+
+    ``wall_time_s`` covers the optimizer steps only: compilation and the evaluations
+    are timed apart in ``compile_time_s`` and ``eval_time_s``.
+    """
+
+    steps: int
+    eval_steps: list[int]
+    train_mse: list[float]
+    test_mse: list[float]
+    wall_time_s: float
+    compile_time_s: float
+    eval_time_s: float
+
+
+def train(
+    state: TrainState,
+    train_images: np.ndarray,
+    test_images: np.ndarray,
+    batch_indices: np.ndarray,
+    eval_every: int,
+    *,
+    description: str = "train",
+    progress: bool = True,
+) -> tuple[TrainState, TrainingRecord]:
+    """Take one step per row of ``batch_indices`` and record the train and test MSE.
+
+    The MSE over the whole train and test sets is recorded before the first step,
+    every ``eval_every`` steps, and after the last step. Steps between evaluations run
+    inside one compiled ``lax.scan``.
+    """
+    steps = len(batch_indices)
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be at least 1, got {eval_every}.")
+    train_images = jnp.asarray(train_images)
+    test_images = jnp.asarray(test_images)
+
+    record = TrainingRecord(
+        steps=steps, eval_steps=[], train_mse=[], test_mse=[],
+        wall_time_s=0.0, compile_time_s=0.0, eval_time_s=0.0,
+    )
+
+    def record_losses(step: int) -> None:
+        start = time.perf_counter()
+        record.eval_steps.append(step)
+        record.train_mse.append(evaluate_mse(state, train_images))
+        record.test_mse.append(evaluate_mse(state, test_images))
+        record.eval_time_s += time.perf_counter() - start
+
+    record_losses(0)
+    # Ahead-of-time compilation keeps the compile time out of the step timings. At
+    # most two chunk lengths occur: eval_every and the remainder at the end.
+    compiled_chunks = {}
+    with tqdm(total=steps, desc=description, disable=not progress, leave=True) as bar:
+        for chunk_start in range(0, steps, eval_every):
+            chunk = jnp.asarray(batch_indices[chunk_start : chunk_start + eval_every])
+            if len(chunk) not in compiled_chunks:
+                start = time.perf_counter()
+                compiled_chunks[len(chunk)] = _train_chunk.lower(
+                    state, train_images, chunk
+                ).compile()
+                record.compile_time_s += time.perf_counter() - start
+
+            start = time.perf_counter()
+            state, _ = compiled_chunks[len(chunk)](state, train_images, chunk)
+            jax.block_until_ready(state)
+            record.wall_time_s += time.perf_counter() - start
+
+            record_losses(chunk_start + len(chunk))
+            bar.update(len(chunk))
+            bar.set_postfix(train_mse=f"{record.train_mse[-1]:.5f}")
+    return state, record
+
+
+def format_results_table(
+    records: dict[str, TrainingRecord], learning_rates: dict[str, float]
+) -> str:
+    """Format the final losses and timings as a Markdown table."""
+    lines = [
+        "| optimizer | learning rate | final train MSE | final test MSE | wall time (s) | compile (s) | steps |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, record in records.items():
+        lines.append(
+            f"| {name} | {learning_rates[name]:g} | {record.train_mse[-1]:.5f} | "
+            f"{record.test_mse[-1]:.5f} | {record.wall_time_s:.1f} | "
+            f"{record.compile_time_s:.1f} | {record.steps} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_loss_curves(records: dict[str, TrainingRecord], path: Path, title: str) -> None:
+    """Save train (solid) and test (dashed) MSE against step, log-scale y, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for index, (name, record) in enumerate(records.items()):
+        color = f"C{index}"
+        axes.plot(record.eval_steps, record.train_mse, color=color, label=f"{name} train")
+        axes.plot(
+            record.eval_steps, record.test_mse, color=color, linestyle="--",
+            label=f"{name} test",
+        )
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("reconstruction MSE")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.savefig(path, dpi=120)
+
+
+def describe_environment() -> dict[str, object]:
+    """Return package versions and a description of the machine for results.json."""
+    try:
+        import simba_optax
+
+        simba_version = getattr(simba_optax, "__version__", "unknown")
+    except ImportError:
+        simba_version = None
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "flax": flax.__version__,
+        "simba_optax": simba_version,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(device) for device in jax.devices()],
+    }
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Train a deep sigmoid autoencoder (Hinton & Salakhutdinov 2006) with several "
+            "optimizers from the same start and compare the reconstruction MSE."
+        )
+    )
+    parser.add_argument(
+        "--mnist", type=Path, default=None, metavar="PATH",
+        help="train the 784-1000-500-250-30 network on MNIST read from PATH (a folder "
+        "of IDX files or an mnist.npz) instead of the scikit-learn digits",
+    )
+    parser.add_argument(
+        "--optimizers", nargs="+", choices=OPTIMIZER_NAMES, default=["simba", "adam"],
+        help="optimizers to train, in this order (default: simba adam)",
+    )
+    parser.add_argument(
+        "--steps", type=_positive_int, default=DEFAULT_STEPS,
+        help=f"optimizer steps per optimizer (default: {DEFAULT_STEPS})",
+    )
+    for name in OPTIMIZER_NAMES:
+        parser.add_argument(
+            f"--lr-{name}", type=_positive_float, default=DEFAULT_LEARNING_RATES[name],
+            help=f"learning rate for {name} (default: {DEFAULT_LEARNING_RATES[name]:g})",
+        )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=128,
+        help="examples per step (default: 128)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="seed of the initial parameters, the batch order, the digits split and "
+        "Simba's row sampling (default: 0)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/autoencoder"),
+        help="folder for results.md, results.json and loss_curves.png "
+        "(default: outputs/autoencoder)",
+    )
+    parser.add_argument(
+        "--eval-every", type=_positive_int, default=DEFAULT_EVAL_EVERY,
+        help="steps between evaluations of the MSE on the whole train and test sets "
+        f"(default: {DEFAULT_EVAL_EVERY})",
+    )
+    parser.add_argument(
+        "--coarse-fraction", type=float, default=0.5,
+        help="Simba: fraction of each weight matrix's rows sampled per step (default: 0.5)",
+    )
+    parser.add_argument(
+        "--rank", type=int, default=20,
+        help="Simba: number of leading eigenpairs in the preconditioner (default: 20)",
+    )
+    parser.add_argument(
+        "--eps", type=float, default=1e-8,
+        help="Simba: floor on the singular values of the sampled rows (default: 1e-8)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bars",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    """Run the comparison from command-line arguments and return the results.json content."""
+    args = parse_args(argv)
+    run_start = time.perf_counter()
+
+    if args.mnist is None:
+        data = datasets.load_digits_split(seed=args.seed)
+        dataset_name = "digits"
+        encoder_sizes = DIGITS_ENCODER_SIZES
+    else:
+        data = datasets.load_mnist(args.mnist)
+        dataset_name = "mnist"
+        encoder_sizes = MNIST_ENCODER_SIZES
+    input_size = data.x_train.shape[1]
+
+    model = build_model(input_size, encoder_sizes)
+    params = model.init(jax.random.key(args.seed), data.x_train[:1])["params"]
+    parameter_count = sum(leaf.size for leaf in jax.tree.leaves(params))
+    batch_indices = make_batch_indices(
+        len(data.x_train), args.batch_size, args.steps, args.seed
+    )
+    layer_sizes = [input_size, *encoder_sizes, *reversed(encoder_sizes[:-1]), input_size]
+    print(
+        f"{dataset_name}: {len(data.x_train)} train and {len(data.x_test)} test images, "
+        f"network {'-'.join(map(str, layer_sizes))} ({parameter_count} parameters), "
+        f"{args.steps} steps of batch {args.batch_size}"
+    )
+
+    learning_rates = {name: getattr(args, f"lr_{name}") for name in args.optimizers}
+    records = {}
+    for name in args.optimizers:
+        optimizer = make_optimizer(
+            name, learning_rates[name], coarse_fraction=args.coarse_fraction,
+            rank=args.rank, eps=args.eps, seed=args.seed,
+        )
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=optimizer)
+        _, records[name] = train(
+            state, data.x_train, data.x_test, batch_indices, args.eval_every,
+            description=name, progress=not args.no_progress,
+        )
+
+    table = format_results_table(records, learning_rates)
+    print()
+    print(table)
+    print(
+        "\nwall time: optimizer steps only, without compilation and evaluation. "
+        f"Whole run: {time.perf_counter() - run_start:.1f} s."
+    )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(table + "\n")
+    plot_loss_curves(
+        records, args.out / "loss_curves.png",
+        title=f"{dataset_name} autoencoder {'-'.join(map(str, layer_sizes))}",
+    )
+    results = {
+        "dataset": dataset_name,
+        "layer_sizes": layer_sizes,
+        "parameter_count": int(parameter_count),
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "simba": {"coarse_fraction": args.coarse_fraction, "rank": args.rank, "eps": args.eps},
+        "environment": describe_environment(),
+        "optimizers": {
+            name: {"learning_rate": learning_rates[name], **dataclasses.asdict(record)}
+            for name, record in records.items()
+        },
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"Wrote results.md, results.json and loss_curves.png to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
