@@ -106,6 +106,18 @@ def build_model(input_size: int, encoder_sizes: Sequence[int]) -> Autoencoder:
     return Autoencoder(input_size=input_size, encoder_sizes=tuple(encoder_sizes))
 
 
+def load_data(
+    mnist_path: Path | None, seed: int
+) -> tuple[str, datasets.ImageDataset, tuple[int, ...]]:
+    """Load MNIST from ``mnist_path``, or the digits split by ``seed`` when it is None.
+
+    Returns the data set's name, the data and the default encoder widths for it.
+    """
+    if mnist_path is None:
+        return "digits", datasets.load_digits_split(seed=seed), DIGITS_ENCODER_SIZES
+    return "mnist", datasets.load_mnist(mnist_path), MNIST_ENCODER_SIZES
+
+
 def make_optimizer(
     name: str,
     learning_rate: float,
@@ -369,6 +381,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "of IDX files or an mnist.npz) instead of the scikit-learn digits",
     )
     parser.add_argument(
+        "--encoder-sizes", nargs="+", type=_positive_int, default=None, metavar="WIDTH",
+        help="widths of the encoder layers after the input, the last one being the code "
+        "layer; the decoder mirrors them (default: "
+        f"{' '.join(map(str, DIGITS_ENCODER_SIZES))} for digits, "
+        f"{' '.join(map(str, MNIST_ENCODER_SIZES))} for MNIST)",
+    )
+    parser.add_argument(
         "--optimizers", nargs="+", choices=OPTIMIZER_NAMES, default=["simba", "adam"],
         help="optimizers to train, in this order (default: simba adam)",
     )
@@ -423,14 +442,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     run_start = time.perf_counter()
 
-    if args.mnist is None:
-        data = datasets.load_digits_split(seed=args.seed)
-        dataset_name = "digits"
-        encoder_sizes = DIGITS_ENCODER_SIZES
-    else:
-        data = datasets.load_mnist(args.mnist)
-        dataset_name = "mnist"
-        encoder_sizes = MNIST_ENCODER_SIZES
+    dataset_name, data, encoder_sizes = load_data(args.mnist, args.seed)
+    if args.encoder_sizes is not None:
+        encoder_sizes = tuple(args.encoder_sizes)
     input_size = data.x_train.shape[1]
 
     model = build_model(input_size, encoder_sizes)
