@@ -65,3 +65,26 @@ def sample_rows(key: jax.Array, rows: int, size: int) -> jax.Array:
   scores = jax.random.bits(key, (rows,), dtype=jnp.uint32)
   _, indices = jax.lax.top_k(scores, size)
   return indices.astype(jnp.int32)
+
+
+def restrict(matrix: jax.Array, key: jax.Array, size: int):
+  """Samples ``size`` rows of ``matrix``: the restriction ``R``.
+
+  Returns:
+    The sampled row indices, shape ``(size,)``, and the block ``R @ matrix``
+    of shape ``(size, d)``. With ``size`` equal to the number of rows the
+    block is ``matrix`` itself and no gather is made.
+  """
+  rows = matrix.shape[0]
+  sampled = sample_rows(key, rows, size)
+  if size == rows:
+    return sampled, matrix
+  return sampled, jnp.take(matrix, sampled, axis=0)
+
+
+def prolong(block: jax.Array, sampled: jax.Array, rows: int) -> jax.Array:
+  """Writes ``block`` into the ``sampled`` rows of zeros: the prolongation ``R^T``."""
+  if block.shape[0] == rows:
+    return block
+  zeros = jnp.zeros((rows,) + block.shape[1:], block.dtype)
+  return zeros.at[sampled].set(block)
