@@ -4,9 +4,9 @@ The restriction ``R`` of the paper picks ``n_l`` distinct rows of the
 ``n``-row matrix view, uniformly without replacement, and the prolongation
 ``P = R^T`` writes the coarse direction back to those rows.
 
-Cost of ``sample_rows``: ``n`` random draws and a partial selection of
-``n_l`` of them, with ``O(n)`` memory. The selection is a full sort only when
-``n_l`` is a large share of ``n``, where a sort is as cheap.
+Cost of ``sample_rows``: ``O(n_l log n_l)`` when ``n_l <= n / 16`` (draws
+with replacement, the first ``n_l`` distinct kept), otherwise a random
+permutation of all ``n`` rows, ``O(n log n)``.
 """
 
 import math
@@ -14,9 +14,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-# Above this share of the rows, a permutation (a full sort) is used instead of
-# a top-k selection. Both draw every n_l-subset with equal probability.
-_PERMUTATION_SHARE = 0.25
+from simba_optax import _partition
+
+# Up to this share of the rows, rows are drawn with replacement and the first
+# n_l distinct ones kept, which costs O(n_l log n_l). Above it, a random
+# permutation (a sort of all n rows) is as cheap.
+_CANDIDATE_SHARE = 1 / 16
 
 
 def coarse_size(rows: int, coarse_fraction: float, coarse_rows: int | None) -> int:
@@ -41,6 +44,52 @@ def coarse_size(rows: int, coarse_fraction: float, coarse_rows: int | None) -> i
   return max(1, min(size, rows))
 
 
+def _first_distinct(candidates: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """Returns the first ``size`` distinct entries of ``candidates`` and their count.
+
+  The entries keep their draw order. When fewer than ``size`` entries are
+  distinct, the tail of the result is filled with zeros and the count says
+  how many are valid.
+  """
+  order = jnp.argsort(candidates, stable=True)
+  ordered = candidates[order]
+  # In a stable sort the earliest draw of a value comes first in its run.
+  first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
+  keep = jnp.zeros_like(first).at[order].set(first)
+
+  position = jnp.cumsum(keep) - 1
+  target = jnp.where(keep & (position < size), position, size)
+  chosen = jnp.zeros((size + 1,), candidates.dtype).at[target].set(candidates)
+  return chosen[:size], jnp.sum(keep)
+
+
+def _sample_by_candidates(key: jax.Array, rows: int, size: int) -> jax.Array:
+  # Expected repeats among m draws are about m**2 / (2 rows); the margin makes
+  # a redraw rare (well below one in a million for the shares allowed here).
+  draws = size + 2 * (size * size // rows) + 32
+
+  def draw(attempt):
+    candidates = jax.random.randint(
+        jax.random.fold_in(key, attempt), (draws,), 0, rows, dtype=jnp.int32
+    )
+    return _first_distinct(candidates, size)
+
+  def too_few(carry):
+    _, count, _ = carry
+    return count < size
+
+  def redraw(carry):
+    _, _, attempt = carry
+    chosen, count = draw(attempt + 1)
+    return chosen, count, attempt + 1
+
+  # Conditioned on enough distinct draws, the first `size` distinct rows are
+  # still a uniformly random subset, because the event is symmetric in rows.
+  chosen, count = draw(0)
+  chosen, _, _ = jax.lax.while_loop(too_few, redraw, (chosen, count, 0))
+  return chosen
+
+
 def sample_rows(key: jax.Array, rows: int, size: int) -> jax.Array:
   """Draws ``size`` distinct row indices out of ``rows``, uniformly.
 
@@ -51,20 +100,14 @@ def sample_rows(key: jax.Array, rows: int, size: int) -> jax.Array:
 
   Returns:
     An int32 array of shape ``(size,)`` with distinct entries in
-    ``[0, rows)``. The order is random; callers must not rely on it.
+    ``[0, rows)``, every subset equally likely. The order is random; callers
+    must not rely on it.
   """
   if size >= rows:
     return jnp.arange(rows, dtype=jnp.int32)
-  if size > _PERMUTATION_SHARE * rows:
-    return jax.random.permutation(key, rows)[:size].astype(jnp.int32)
-
-  # The rows with the `size` largest of `rows` i.i.d. uniform scores form a
-  # uniformly random subset. lax.top_k breaks ties by index, so the rows stay
-  # distinct. A tie at the cutoff, the only case that biases the draw, has
-  # probability about rows / 2**32 per step.
-  scores = jax.random.bits(key, (rows,), dtype=jnp.uint32)
-  _, indices = jax.lax.top_k(scores, size)
-  return indices.astype(jnp.int32)
+  if size <= _CANDIDATE_SHARE * rows:
+    return _sample_by_candidates(key, rows, size)
+  return jax.random.permutation(key, rows)[:size].astype(jnp.int32)
 
 
 def restrict(matrix: jax.Array, key: jax.Array, size: int):
@@ -77,14 +120,30 @@ def restrict(matrix: jax.Array, key: jax.Array, size: int):
   """
   rows = matrix.shape[0]
   sampled = sample_rows(key, rows, size)
+  # Under explicit sharding the block is replicated, because the
+  # decomposition needs whole rows and columns and JAX cannot infer the
+  # sharding of a gather along a sharded axis.
+  replicated = _partition.replicated_sharding(matrix)
   if size == rows:
+    if replicated is not None:
+      matrix = jax.sharding.reshard(matrix, replicated)
     return sampled, matrix
-  return sampled, jnp.take(matrix, sampled, axis=0)
+  return sampled, matrix.at[sampled].get(out_sharding=replicated)
 
 
-def prolong(block: jax.Array, sampled: jax.Array, rows: int) -> jax.Array:
-  """Writes ``block`` into the ``sampled`` rows of zeros: the prolongation ``R^T``."""
+def prolong(
+    block: jax.Array, sampled: jax.Array, rows: int, out_sharding=None
+) -> jax.Array:
+  """Writes ``block`` into the ``sampled`` rows of zeros: the prolongation ``R^T``.
+
+  ``out_sharding``, an explicit sharding for the result, lets each device
+  write only the rows it holds.
+  """
   if block.shape[0] == rows:
+    if out_sharding is not None:
+      block = jax.sharding.reshard(block, out_sharding)
     return block
-  zeros = jnp.zeros((rows,) + block.shape[1:], block.dtype)
-  return zeros.at[sampled].set(block)
+  zeros = jnp.zeros(
+      (rows,) + block.shape[1:], block.dtype, out_sharding=out_sharding
+  )
+  return zeros.at[sampled].set(block, out_sharding=out_sharding)
