@@ -125,16 +125,25 @@ def _randomized_direction(
     right, _ = jnp.linalg.qr(a.T @ basis)
     basis, _ = jnp.linalg.qr(a @ right)
 
-  # With projection = basis^T a = zt^T diag(s) w^T p^T, the left singular
-  # vectors of a are basis @ zt^T, and u_i^T a = zt_i @ projection.
+  # With projection = basis^T a = zt^T diag(s) w^T p^T, the part of a inside
+  # the sketch's span is basis @ zt^T diag(s) w^T p^T, an SVD. Its directions
+  # get s_i / sigma_i with no subtraction, as on the exact path. Only the
+  # residual outside the span, already of the tail's size, is a difference.
   projection = basis.T @ a
-  _, _, s, zt = _thin_svd(projection.T)
+  p, w, s, zt = _thin_svd(projection.T)
   tolerance = s[0] * max(rows, columns) * jnp.finfo(a.dtype).eps
 
+  # Tail directions are not checked against the tolerance one by one, so
+  # that those inside the sketch are treated like those in the residual.
   head, tail = _inverse_levels(s, rank, eps, tolerance)
-  leading = zt[: rank - 1]
-  coefficients = (head - tail)[:, None] * (leading @ projection)
-  return tail * a + basis @ (leading.T @ coefficients)
+  factors = jnp.concatenate([s[: head.shape[0]] * head, s[head.shape[0]:] * tail])
+  inside = basis @ ((zt.T * factors) @ (w.T @ p.T))
+
+  # NOTE: directions at rounding level still enter the tail term here, with
+  # weight at most tolerance / sigma_k, where the exact path drops them. The
+  # residual outside the sketch cannot be split into directions cheaply.
+  residual = a - basis @ projection
+  return inside + tail * residual
 
 
 def inverse_root_direction(
