@@ -125,6 +125,8 @@ def restrict(matrix: jax.Array, key: jax.Array, size: int):
   # sharding of a gather along a sharded axis.
   replicated = _partition.replicated_sharding(matrix)
   if size == rows:
+    # NOTE: with every row sampled, the whole matrix is gathered onto each
+    # device, because the QR and SVD here have no sharded form.
     if replicated is not None:
       matrix = jax.sharding.reshard(matrix, replicated)
     return sampled, matrix

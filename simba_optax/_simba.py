@@ -11,6 +11,7 @@ from optax import tree_utils as otu
 
 from simba_optax import _eigendecomposition
 from simba_optax import _matrix_view
+from simba_optax import _partition
 from simba_optax import _row_sampling
 from simba_optax import _validation
 from simba_optax._matrix_view import LeafView
@@ -137,6 +138,9 @@ def _batched_directions(
   """
   row_keys, sketch_keys, samples, blocks = [], [], [], []
   for stack, key, size in zip(stacks, keys, sizes):
+    # NOTE: with explicit mesh axes, a stack sharded along its batch axes
+    # (stacked layers sharded over the layer axis) fails in these vmaps,
+    # because the replicated keys do not share that sharding. Auto axes work.
     matrix_keys = jax.random.split(key, stack.shape[0])
     row_key, sketch_key = jax.vmap(jax.random.split, out_axes=1)(matrix_keys)
     sampled, block = jax.vmap(
@@ -166,9 +170,12 @@ def _batched_directions(
       directions[i] = result
 
   return [
-      jax.vmap(functools.partial(_row_sampling.prolong, rows=stack.shape[1]))(
-          direction, sampled
-      )
+      jax.vmap(
+          functools.partial(
+              _row_sampling.prolong, rows=stack.shape[1],
+              out_sharding=_partition.element_sharding(stack),
+          )
+      )(direction, sampled)
       for stack, direction, sampled in zip(stacks, directions, samples)
   ]
 
@@ -184,7 +191,7 @@ def simba(
     seed: int | jax.Array = 0,
     mu_dtype: Any | None = None,
     dimension_numbers: Any = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Simba's preconditioned direction, without the learning rate.
 
   Per parameter leaf, Simba keeps a heavy-ball sum of gradients :math:`M`,
@@ -246,7 +253,8 @@ def simba(
       callable from the parameters to such a tree.
 
   Returns:
-    The corresponding :class:`optax.GradientTransformation`.
+    The corresponding :class:`optax.GradientTransformationExtraArgs`. Its
+    ``update`` accepts and ignores extra keyword arguments.
 
   Raises:
     ValueError: a hyperparameter is out of range (at construction) or a
@@ -302,6 +310,9 @@ def simba(
       "power_iterations", power_iterations, 0
   )
   key_data, key_impl = _prepare_key(seed)
+  # Kept on the host, so that init places the key like any other constant:
+  # replicated on the mesh set with jax.set_mesh, not committed to one device.
+  key_data = np.asarray(key_data)
   mu_dtype = None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
   if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.floating):
     raise TypeError(
@@ -324,8 +335,8 @@ def simba(
         mu=mu,
     )
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
     views, treedef, paths = _leaf_views(updates, dimension_numbers, "gradient")
     gradients = treedef.flatten_up_to(updates)
     try:
@@ -375,7 +386,7 @@ def simba(
     )
     return treedef.unflatten(directions), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_dimension_numbers_spec(spec: Any) -> None:
