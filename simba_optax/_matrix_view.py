@@ -1,4 +1,4 @@
-"""Matrix view of a parameter leaf: which axis holds the rows Simba samples.
+"""Matrix view of a parameter leaf: which axis gives the rows Simba samples.
 
 Simba preconditions each leaf as a stack of matrices of shape ``(n, d)``. The
 ``row_axis`` gives the ``n`` rows that the coarse model samples. Every other
@@ -76,14 +76,14 @@ def is_dimension_numbers(value: Any) -> bool:
   return isinstance(value, SimbaDimensionNumbers)
 
 
-def _normalize_axis(axis: Any, ndim: int, what: str, path: str) -> int:
+def _normalize_axis(axis: Any, ndim: int, label: str, path: str) -> int:
   if isinstance(axis, bool) or not isinstance(axis, int):
     raise TypeError(
-        f"simba: {what} for leaf {path} must be an int, got {axis!r}."
+        f"simba: {label} for leaf {path} must be an int, got {axis!r}."
     )
   if not -ndim <= axis < ndim:
     raise ValueError(
-        f"simba: {what}={axis} is out of range for leaf {path} with"
+        f"simba: {label}={axis} is out of range for leaf {path} with"
         f" {ndim} dimensions; the allowed range is [{-ndim}, {ndim}). Pass"
         " SimbaDimensionNumbers with valid axes for this leaf."
     )

@@ -1,6 +1,6 @@
 """Coarse model: the rows of a matrix that Simba updates in one step.
 
-The restriction ``R`` of the paper picks ``n_l`` distinct rows of the
+The restriction ``R`` of Tsipinakis & Parpas (2023) picks ``n_l`` distinct rows of the
 ``n``-row matrix view, uniformly without replacement, and the prolongation
 ``P = R^T`` writes the coarse direction back to those rows.
 
@@ -48,8 +48,8 @@ def _first_distinct(candidates: jax.Array, size: int) -> tuple[jax.Array, jax.Ar
   """Returns the first ``size`` distinct entries of ``candidates`` and their count.
 
   The entries keep their draw order. When fewer than ``size`` entries are
-  distinct, the tail of the result is filled with zeros and the count says
-  how many are valid.
+  distinct, the tail of the result is filled with zeros and the count gives
+  the number of valid entries.
   """
   order = jnp.argsort(candidates, stable=True)
   ordered = candidates[order]
@@ -64,8 +64,8 @@ def _first_distinct(candidates: jax.Array, size: int) -> tuple[jax.Array, jax.Ar
 
 
 def _sample_by_candidates(key: jax.Array, rows: int, size: int) -> jax.Array:
-  # Expected repeats among m draws are about m**2 / (2 rows); the margin makes
-  # a redraw rare (well below one in a million for the shares allowed here).
+  # Among m draws about m**2 / (2 rows) values repeat. The margin above that
+  # makes a redraw rare, well below one in a million for the shares used here.
   draws = size + 2 * (size * size // rows) + 32
 
   def draw(attempt):

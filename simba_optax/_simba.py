@@ -115,6 +115,11 @@ def _leaf_views(
   return views, treedef, paths
 
 
+# Whether blocks of equal shape from different leaves share one batched
+# decomposition. Only benchmarks turn it off, to measure what it saves.
+GROUP_EQUAL_SHAPES = True
+
+
 def _batched_directions(
     stacks: list[jax.Array], keys: list[jax.Array], sizes: list[int],
     eps: jax.typing.ArrayLike, decomposition: dict[str, int],
@@ -153,7 +158,8 @@ def _batched_directions(
 
   groups: dict[tuple[Any, ...], list[int]] = {}
   for i, block in enumerate(blocks):
-    groups.setdefault((block.shape[1:], block.dtype), []).append(i)
+    group = (block.shape[1:], block.dtype) if GROUP_EQUAL_SHAPES else (i,)
+    groups.setdefault(group, []).append(i)
 
   directions: list[jax.Array | None] = [None] * len(blocks)
   decompose = jax.vmap(
