@@ -297,11 +297,8 @@ class RunRecord:
 class ChunkCache:
   """Compiled training chunks of one problem and optimizer, by chunk length."""
 
-  def __init__(self, problem: Problem, spec: OptimizerSpec, batched: bool = False):
-    function = make_train_chunk(problem, spec)
-    if batched:
-      function = jax.vmap(function, in_axes=(0, 0, 0, 0, None, None))
-    self._jitted = jax.jit(function)
+  def __init__(self, problem: Problem, spec: OptimizerSpec):
+    self._jitted = jax.jit(make_train_chunk(problem, spec))
     self._compiled: dict[int, Any] = {}
     self.compile_time_s = 0.0
 
@@ -403,38 +400,44 @@ def run_grid(
     eval_every: int,
     progress: bool = True,
 ) -> list[float]:
-  """Train one run per learning rate, batched with ``jax.vmap``, and return each final selection metric.
+  """Train one run per learning rate and return each run's final selection metric.
 
-  All runs share the seed, the initial parameters and the batches. A run
-  that diverged returns NaN.
+  All runs share the seed, the initial parameters, the batches and one
+  compiled chunk. A run whose batch loss turns NaN or infinite stops there
+  and returns NaN.
   """
-  params, model_state = problem.init(seed)
-  opt_state = build_optimizer(spec, problem, learning_rates[0], seed).init(params)
-  count = len(learning_rates)
-  stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *jnp.shape(x))), tree)
-  params, model_state, opt_state = stack(params), stack(model_state), stack(opt_state)
-  rates = jnp.asarray(learning_rates, dtype=jnp.float32)
+  # NOTE: the runs go one after another. Batching them with jax.vmap stalled
+  # the autoencoder grid on a loaded 2-core CPU: the process sat in futex waits
+  # at a few percent of one core.
+  chunks = ChunkCache(problem, spec)
   indices = problem.batch_indices(seed, steps)
-  chunks = ChunkCache(problem, spec, batched=True)
+  objective = None if problem.grid_objective is None else jax.jit(problem.grid_objective)
+  finals = []
+  for learning_rate in learning_rates:
+    params, model_state = problem.init(seed)
+    opt_state = build_optimizer(spec, problem, learning_rate, seed).init(params)
+    rate = jnp.asarray(learning_rate, dtype=jnp.float32)
+    losses = np.zeros(0)
+    description = f"grid {spec.label} lr={learning_rate:g}"
+    with tqdm(total=steps, desc=description, disable=not progress, leave=False) as bar:
+      for start in range(0, steps, eval_every):
+        chunk = jnp.asarray(indices[start : start + eval_every])
+        params, model_state, opt_state, losses = chunks(
+            params, model_state, opt_state, rate, problem.data, chunk
+        )
+        losses = np.asarray(losses, dtype=np.float64)
+        bar.update(len(chunk))
+        if not np.all(np.isfinite(losses)):
+          break
 
-  last_losses = None
-  with tqdm(total=steps, desc=f"grid {spec.label}", disable=not progress, leave=False) as bar:
-    for start in range(0, steps, eval_every):
-      chunk = jnp.asarray(indices[start : start + eval_every])
-      params, model_state, opt_state, losses = chunks(
-          params, model_state, opt_state, rates, problem.data, chunk
-      )
-      last_losses = np.asarray(losses, dtype=np.float64)
-      bar.update(len(chunk))
-
-  if problem.grid_objective is None:
-    finals = np.mean(last_losses, axis=1)
-  else:
-    objective = jax.jit(jax.vmap(problem.grid_objective, in_axes=(0, 0, None)))
-    finals = np.asarray(objective(params, model_state, problem.data), dtype=np.float64)
-  # A run that produced a non-finite loss at any step is diverged even if
-  # its last value happens to be finite.
-  return [float(value) if math.isfinite(value) else math.nan for value in finals]
+    if not np.all(np.isfinite(losses)):
+      finals.append(math.nan)
+    elif objective is None:
+      finals.append(float(np.mean(losses)))
+    else:
+      value = float(objective(params, model_state, problem.data))
+      finals.append(value if math.isfinite(value) else math.nan)
+  return finals
 
 
 # ---------------------------------------------------------------------------
@@ -798,7 +801,7 @@ def run_benchmark(
       "seeds": list(args.seeds),
       "selection_metric": problem.selection_metric,
       "threshold": problem.threshold,
-      "learning_rate_source": str(lr_file) if not args.lr else f"{lr_file} and --lr",
+      "learning_rate_source": os.path.relpath(lr_file) + (" and --lr" if args.lr else ""),
       "optimizers": {
           spec.label: {
               "name": spec.name,
