@@ -36,9 +36,9 @@ class ImageDataset(NamedTuple):
     """A train/test split of flattened images with pixel values in [0, 1]."""
 
     x_train: np.ndarray  # shape=(n_train, pixels), dtype=float32
-    y_train: np.ndarray | None  # shape=(n_train,), dtype=int64, or None if unlabelled
+    y_train: np.ndarray | None  # shape=(n_train,), dtype=int64, or None if unlabeled
     x_test: np.ndarray  # shape=(n_test, pixels), dtype=float32
-    y_test: np.ndarray | None  # shape=(n_test,), dtype=int64, or None if unlabelled
+    y_test: np.ndarray | None  # shape=(n_test,), dtype=int64, or None if unlabeled
 
 
 def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
@@ -112,7 +112,7 @@ def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
 
     Raises:
         ValueError: if the magic number differs from ``expected_magic``, the header is
-            cut short, or the data is not exactly as long as the header's dimensions say.
+            cut short, or the data length differs from the one that the header's dimensions require.
     """
     path = Path(path)
     raw = _read_bytes(path)
@@ -186,7 +186,7 @@ def _load_mnist_idx_folder(folder: Path) -> ImageDataset:
         file = _find_idx_file(folder, name)
         if file is None:
             raise FileNotFoundError(
-                f"MNIST folder {str(folder)!r} has no {name} or {name}.gz. "
+                f"{name} (or {name}.gz) not found in MNIST folder {str(folder)!r}. "
                 f"Expected the four IDX files {', '.join(MNIST_IDX_FILES.values())} "
                 f"(each plain or .gz), or an mnist.npz. {_DOWNLOAD_HINT}"
             )

@@ -2,8 +2,8 @@
 
 Every run starts from the same initial parameters and batch order as
 ``examples/autoencoder.py`` with the same seed. The winner per optimizer is the
-learning rate with the lowest final train MSE, averaged over ``--seeds``; the test MSE
-is reported but never used for the choice. A run whose loss becomes NaN counts as
+learning rate with the lowest final train MSE, averaged over ``--seeds``. The test
+MSE is reported but never used for the choice. A run whose loss becomes NaN counts as
 diverged and never wins.
 
 Run from the repository root::
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -25,6 +26,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     # Run as `python examples/lr_grid.py`: put the repository root on the path.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__":
+    # One OpenBLAS thread per LAPACK call, for the reason given in autoencoder.py.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +128,7 @@ def select_learning_rates(results) -> dict[str, float]:
 
 
 def format_grid_table(results, key: str, winners: dict[str, float]) -> str:
-    """Format the mean final ``key`` per learning rate and optimizer; winners in bold."""
+    """Format the mean final ``key`` per learning rate and optimizer, with winners in bold."""
     names = list(results)
     rates = list(next(iter(results.values())))
     lines = [
@@ -146,37 +151,49 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Grid-search learning rates for the digits autoencoder example."
     )
-    parser.add_argument(
+
+    grid = parser.add_argument_group("grid")
+    grid.add_argument(
         "--optimizers", nargs="+", choices=autoencoder.OPTIMIZER_NAMES,
         default=list(autoencoder.OPTIMIZER_NAMES),
         help="optimizers to tune (default: simba adam sgd)",
     )
-    parser.add_argument(
+    grid.add_argument(
         "--learning-rates", nargs="+", type=float, default=list(GRID),
         help="learning rates to try (default: " + " ".join(f"{lr:g}" for lr in GRID) + ")",
     )
-    parser.add_argument(
+    grid.add_argument(
+        "--seeds", nargs="+", type=int, default=[0],
+        help="seeds to average over. Each sets the split, the initial parameters, "
+        "the batch order and Simba's row sampling (default: 0)",
+    )
+
+    training = parser.add_argument_group("training")
+    training.add_argument(
         "--steps", type=int, default=autoencoder.DEFAULT_STEPS,
         help=f"optimizer steps per run (default: {autoencoder.DEFAULT_STEPS})",
     )
-    parser.add_argument(
-        "--seeds", nargs="+", type=int, default=[0],
-        help="seeds to average over; each sets the split, the initial parameters, "
-        "the batch order and Simba's row sampling (default: 0)",
+    training.add_argument(
+        "--batch-size", type=int, default=128, help="examples per step (default: 128)"
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="examples per step (default: 128)")
-    parser.add_argument(
+    training.add_argument(
         "--eval-every", type=int, default=autoencoder.DEFAULT_EVAL_EVERY,
         help=f"steps between evaluations (default: {autoencoder.DEFAULT_EVAL_EVERY})",
     )
-    parser.add_argument("--coarse-fraction", type=float, default=0.5, help="Simba's coarse_fraction (default: 0.5)")
-    parser.add_argument("--rank", type=int, default=20, help="Simba's rank (default: 20)")
-    parser.add_argument("--eps", type=float, default=1e-8, help="Simba's eps (default: 1e-8)")
-    parser.add_argument(
+    training.add_argument(
+        "--coarse-fraction", type=float, default=0.5,
+        help="Simba's coarse_fraction (default: 0.5)",
+    )
+    training.add_argument("--rank", type=int, default=20, help="Simba's rank (default: 20)")
+    training.add_argument("--eps", type=float, default=1e-8, help="Simba's eps (default: 1e-8)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
         "--out", type=Path, default=Path("outputs/lr_grid"),
         help="folder for lr_grid.json and lr_grid.md (default: outputs/lr_grid)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    output.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1:
         parser.error("--steps, --batch-size and --eval-every must be positive integers")
