@@ -486,8 +486,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     default_rates = DIGITS_LEARNING_RATES if args.mnist is None else MNIST_LEARNING_RATES
     learning_rates = {}
     for name in args.optimizers:
-        given = getattr(args, f"lr_{name}")
-        learning_rates[name] = default_rates[name] if given is None else given
+        requested_rate = getattr(args, f"lr_{name}")
+        learning_rates[name] = default_rates[name] if requested_rate is None else requested_rate
     optimizers = {
         name: make_optimizer(
             name, learning_rates[name], coarse_fraction=args.coarse_fraction,

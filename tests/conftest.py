@@ -1,7 +1,12 @@
 """Pytest configuration shared by the test modules."""
 
+import os
 import sys
 from pathlib import Path
+
+# OpenBLAS runs JAX's CPU QR and SVD. Its default thread pool competes with
+# XLA's threads and made one small QR a thousand times slower on 2 cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # The examples are not part of the installed package. Putting the repository root on
 # the path lets tests import them as `examples.<module>`.
