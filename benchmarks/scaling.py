@@ -19,8 +19,12 @@ Usage:
   python benchmarks/scaling.py [--max-n 8192] [--repeats 5] [--out benchmarks/results]
 """
 
-import argparse
 import os
+
+# One OpenBLAS thread: its default pool competes with XLA's on CPU.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
 import sys
 
 import jax

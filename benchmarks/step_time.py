@@ -15,9 +15,13 @@ Usage:
   python benchmarks/step_time.py [--repeats 20] [--out benchmarks/results]
 """
 
-import argparse
-import functools
 import os
+
+# One OpenBLAS thread: its default pool competes with XLA's on CPU.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import functools
 import re
 import sys
 
