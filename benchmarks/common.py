@@ -536,7 +536,7 @@ def summary_rows(
 
 
 def environment() -> dict[str, Any]:
-  """Return the machine (``_timing.machine()``), package versions and load average."""
+  """Return the machine (``_timing.machine()``), package versions, XLA flags and load average."""
   import flax
   import scipy
   import sklearn
@@ -552,6 +552,7 @@ def environment() -> dict[str, Any]:
       "scikit-learn": sklearn.__version__,
       "simba_optax": simba_optax.__version__,
   }
+  facts["xla_flags"] = os.environ.get("XLA_FLAGS")
   if hasattr(os, "getloadavg"):
     facts["load_average_1_5_15_min"] = [round(value, 2) for value in os.getloadavg()]
   return facts
