@@ -843,14 +843,22 @@ def _results_markdown(problem, table, command, facts, total, args) -> str:
       + f" Whole command: {total:.0f} s.",
       "",
       f"Mean ± standard deviation over seeds {' '.join(map(str, args.seeds))},"
-      f" {args.steps} steps of batch {args.batch_size}. Learning rates chosen by the grid on"
-      f" {problem.selection_metric} (a training metric). Times are of the compiled steps on a"
-      " shared machine and vary with its load.",
+      f" {args.steps} steps of batch {args.batch_size}. "
+      + _rate_source_sentence(problem, args)
+      + " Times are of the compiled steps on a shared machine and vary with its load.",
       "",
       table,
       "",
   ]
   return "\n".join(lines)
+
+
+def _rate_source_sentence(problem: Problem, args: argparse.Namespace) -> str:
+  chosen = f"chosen by the grid on {problem.selection_metric} (a training metric)"
+  if not args.lr:
+    return f"Learning rates {chosen}."
+  given = ", ".join(label for label, _ in args.lr)
+  return f"Learning rates given with --lr for {given}; any others {chosen}."
 
 
 def _grid_benchmark(problem, specs, args, lr_file, command, started, facts) -> dict[str, Any]:
