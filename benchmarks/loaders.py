@@ -101,7 +101,7 @@ def load_svmlight_binary(path: str | Path) -> BinaryDataset:
 def load_curves(path: str | Path) -> ImageSplit:
   """Read the CURVES set from a MATLAB file laid out as digs3pts_1.mat.
 
-  The file holds ``bdata`` (train, 20000 x 784) and ``bdatatest`` (test,
+  The file contains ``bdata`` (train, 20000 x 784) and ``bdatatest`` (test,
   10000 x 784), one image per row with values in [0, 1]. Images of another
   count or size are accepted. CURVES has no labels.
 

@@ -1,4 +1,4 @@
-"""How Simba's update scales with the leaf, and what its approximations cost.
+"""Scaling of Simba's update with the leaf size, and the cost of its approximations.
 
 Prints tables and writes them to JSON:
 

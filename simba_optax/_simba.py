@@ -231,8 +231,8 @@ def simba(
 
   .. warning::
     Only the sampled rows change in a step. In data-parallel training every
-    replica must hold the same state (same key and count) so that all
-    replicas sample the same rows; keep the state replicated.
+    replica must have the same state (same key and count), so that all
+    replicas sample the same rows. Keep the state replicated.
 
   Args:
     momentum: decay :math:`\beta` of the heavy-ball sum
