@@ -178,6 +178,70 @@ def from_matrices(matrices: jax.Array, view: LeafView) -> jax.Array:
   return jnp.transpose(matrices.reshape(permuted_shape), inverse)
 
 
+def prolong_to_leaf(
+    directions: jax.Array, sampled: jax.Array, view: LeafView,
+    fill_value: jax.typing.ArrayLike = 0.0, out_sharding: Any = None,
+) -> jax.Array:
+  """Writes each matrix's sampled rows into an array of the leaf's shape: ``R^T``.
+
+  Args:
+    directions: ``(batch_size, n_l, columns)``, the direction of each matrix
+      on its sampled rows.
+    sampled: ``(batch_size, n_l)``, the sampled rows of each matrix.
+    view: the leaf's view.
+    fill_value: a scalar, the value of the rows not sampled.
+    out_sharding: an explicit sharding for the result, or ``None``.
+
+  Returns:
+    An array of the leaf's shape. The rows are scattered straight into the
+    leaf's layout, because inverting ``to_matrices`` after a scatter would
+    transpose an array of the leaf's size, which XLA on CPU stages in a
+    temporary buffer of that size.
+  """
+  if view.row_axis is None:
+    return directions.reshape(view.shape)
+
+  size = sampled.shape[-1]
+  batch_shape = tuple(view.shape[a] for a in view.batch_axes)
+  # Scatter dimensions first (batch coordinates, then the sampled row), then
+  # one window dimension per axis that is not a batch axis, in the leaf's
+  # order, of size 1 at the row axis. Stating that size-1 window keeps XLA
+  # from inserting it with a layout that costs a copy of the updates.
+  window_shape = tuple(
+      1 if a == view.row_axis else view.shape[a]
+      for a in range(len(view.shape)) if a not in view.batch_axes
+  )
+  updates = directions.reshape(batch_shape + (size,) + window_shape)
+  coordinates = [
+      jax.lax.broadcasted_iota(jnp.int32, batch_shape + (size,), position)
+      for position in range(len(batch_shape))
+  ]
+  coordinates.append(sampled.reshape(batch_shape + (size,)).astype(jnp.int32))
+  indices = jnp.stack(coordinates, axis=-1)
+  dimension_numbers = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=tuple(range(len(batch_shape) + 1, updates.ndim)),
+      inserted_window_dims=view.batch_axes,
+      scatter_dims_to_operand_dims=view.batch_axes + (view.row_axis,),
+  )
+
+  def scatter(filled, indices, updates):
+    return jax.lax.scatter(
+        filled, indices, updates, dimension_numbers,
+        indices_are_sorted=False, unique_indices=True,
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+
+  filled = jnp.full(
+      view.shape, fill_value, directions.dtype, out_sharding=out_sharding
+  )
+  if out_sharding is not None:
+    scatter = jax.sharding.auto_axes(
+        scatter, out_sharding=out_sharding,
+        axes=out_sharding.mesh.explicit_axes,
+    )
+  return scatter(filled, indices, updates)
+
+
 def _is_tree_leaf(value: Any) -> bool:
   return value is None or isinstance(value, optax.MaskedNode)
 

@@ -134,8 +134,8 @@ def _batched_directions(
     decomposition: ``rank``, ``oversampling`` and ``power_iterations``.
 
   Returns:
-    One ``(batch, n, d)`` array per leaf: the direction on the sampled rows
-    and zero elsewhere.
+    One pair per leaf: the direction on the sampled rows, ``(batch, n_l, d)``,
+    and the sampled rows, ``(batch, n_l)``.
 
   Blocks of the same shape and dtype, from one leaf or several, are stacked
   and decomposed in one batched computation, so a network of equal layers
@@ -162,10 +162,8 @@ def _batched_directions(
     groups.setdefault(group, []).append(i)
 
   directions: list[jax.Array | None] = [None] * len(blocks)
-  decompose = jax.vmap(
-      functools.partial(
-          _eigendecomposition.inverse_root_direction, eps=eps, **decomposition
-      )
+  decompose = functools.partial(
+      _eigendecomposition.inverse_root_directions, eps=eps, **decomposition
   )
   for members in groups.values():
     joined = jnp.concatenate([blocks[i] for i in members])
@@ -175,15 +173,7 @@ def _batched_directions(
     for i, result in zip(members, jnp.split(results, offsets)):
       directions[i] = result
 
-  return [
-      jax.vmap(
-          functools.partial(
-              _row_sampling.prolong, rows=stack.shape[1],
-              out_sharding=_partition.element_sharding(stack),
-          )
-      )(direction, sampled)
-      for stack, direction, sampled in zip(stacks, directions, samples)
-  ]
+  return list(zip(directions, samples))
 
 
 def simba(
@@ -343,27 +333,22 @@ def simba(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    views, treedef, paths = _leaf_views(updates, dimension_numbers, "gradient")
+    # Compared with the state first, so that a wrong tree or shape is
+    # reported as such and not as dimension numbers that do not fit it.
+    _check_gradient_tree(updates, state.mu)
+    views, treedef, _ = _leaf_views(updates, dimension_numbers, "gradient")
     gradients = treedef.flatten_up_to(updates)
-    try:
-      buffers = treedef.flatten_up_to(state.mu)
-    except (ValueError, TypeError) as error:
-      raise ValueError(
-          "simba: the gradient tree does not match the tree of the state"
-          f" built by init: {error}. Pass gradients with the structure of"
-          " the parameters given to init."
-      ) from None
+    buffers = treedef.flatten_up_to(state.mu)
 
     step_key = jax.random.fold_in(
         jax.random.wrap_key_data(state.key, impl=key_impl), state.count
     )
 
-    new_mu, stacks, keys, sizes = [], [], [], []
-    for gradient, buffer, view, path in zip(gradients, buffers, views, paths):
+    new_mu, stacks, keys, sizes, poisons = [], [], [], [], []
+    for gradient, buffer, view in zip(gradients, buffers, views):
       if view is None:
         new_mu.append(buffer)
         continue
-      _check_matching(gradient, buffer, path)
 
       # Step 1: the heavy-ball sum, in the buffer's dtype.
       buffer = (momentum * buffer + gradient).astype(buffer.dtype)
@@ -371,7 +356,15 @@ def simba(
 
       # Step 2: the matrix view, in float32 at least.
       compute_dtype = jnp.promote_types(buffer.dtype, jnp.float32)
-      stacks.append(_matrix_view.to_matrices(buffer.astype(compute_dtype), view))
+      stack = _matrix_view.to_matrices(buffer.astype(compute_dtype), view)
+      # NaN if a momentum entry is NaN or infinite (x * 0 is NaN exactly for
+      # those), else zero. Added to the matrices and written to the rows not
+      # sampled, it makes the whole leaf's update NaN even when the entry's
+      # row is not sampled, so the step fails now and not when that row is
+      # next sampled. Adding zero changes no value.
+      poison = jnp.sum(buffer * 0, dtype=compute_dtype)
+      stacks.append(stack + poison)
+      poisons.append(poison)
       # The index counts array leaves only, in jax.tree.leaves order.
       keys.append(jax.random.fold_in(step_key, len(keys)))
       sizes.append(
@@ -379,12 +372,22 @@ def simba(
       )
 
     # Steps 3 to 7: sample, decompose, floor, invert, prolong.
-    coarse = iter(_batched_directions(stacks, keys, sizes, eps, decomposition))
-    directions = [
-        gradient if view is None
-        else _matrix_view.from_matrices(next(coarse), view).astype(gradient.dtype)
-        for gradient, view in zip(gradients, views)
-    ]
+    coarse = iter(zip(
+        _batched_directions(stacks, keys, sizes, eps, decomposition), poisons
+    ))
+    directions = []
+    for gradient, view in zip(gradients, views):
+      if view is None:
+        directions.append(gradient)
+        continue
+      (block_directions, sampled), poison = next(coarse)
+      directions.append(
+          _matrix_view.prolong_to_leaf(
+              block_directions.astype(gradient.dtype), sampled, view,
+              fill_value=poison,
+              out_sharding=_partition.explicit_sharding(gradient),
+          )
+      )
 
     count = optax.safe_increment(state.count)
     new_state = SimbaState(
@@ -411,10 +414,40 @@ def _check_dimension_numbers_spec(spec: Any) -> None:
       )
 
 
-def _check_matching(gradient: jax.Array, buffer: jax.Array, path: str) -> None:
-  if jnp.shape(gradient) != jnp.shape(buffer):
+def _check_gradient_tree(gradients: Any, momentum: Any) -> None:
+  """Raises ``ValueError`` unless ``gradients`` has the momentum's tree and shapes.
+
+  The message names the leaves that are missing, unexpected or of another
+  shape.
+  """
+  gradient_leaves, gradient_def = jax.tree_util.tree_flatten_with_path(
+      gradients, is_leaf=_is_empty
+  )
+  buffer_leaves, buffer_def = jax.tree_util.tree_flatten_with_path(
+      momentum, is_leaf=_is_empty
+  )
+  if gradient_def != buffer_def:
+    gradient_paths = [jax.tree_util.keystr(path) for path, _ in gradient_leaves]
+    buffer_paths = [jax.tree_util.keystr(path) for path, _ in buffer_leaves]
+    missing = [path for path in buffer_paths if path not in gradient_paths]
+    unexpected = [path for path in gradient_paths if path not in buffer_paths]
+    if missing or unexpected:
+      difference = f"missing leaves {missing}, unexpected leaves {unexpected}"
+    else:
+      difference = f"structure {gradient_def} instead of {buffer_def}"
     raise ValueError(
-        f"simba: gradient leaf {path} has shape {jnp.shape(gradient)}, but"
-        f" the state built by init has shape {jnp.shape(buffer)}. Pass"
-        " gradients with the shapes of the parameters given to init."
+        "simba: the gradient tree does not match the tree of the state built"
+        f" by init: {difference}. Pass gradients with the structure of the"
+        " parameters given to init."
     )
+
+  for (path, gradient), (_, buffer) in zip(gradient_leaves, buffer_leaves):
+    if _is_empty(gradient) or _is_empty(buffer):
+      continue
+    if jnp.shape(gradient) != jnp.shape(buffer):
+      raise ValueError(
+          f"simba: gradient leaf {jax.tree_util.keystr(path) or '<root>'} has"
+          f" shape {jnp.shape(gradient)}, but the state built by init has"
+          f" shape {jnp.shape(buffer)}. Pass gradients with the shapes of the"
+          " parameters given to init."
+      )
