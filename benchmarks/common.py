@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from benchmarks import _timing
 # The paper's learning-rate grid (Tsipinakis & Parpas 2023, section 4).
 PAPER_LR_GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1, 5e-1, 1.0)
 OPTIMIZER_NAMES = ("simba", "adam", "sgd", "muon", "sophia")
+# Peers from optional packages: run only when named with --optimizers.
+OPTIONAL_OPTIMIZER_NAMES = ("kron",)
 SGD_MOMENTUM = 0.9
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_GRID_SEED = 100  # apart from the evaluation seeds 0, 1, 2
@@ -185,11 +188,43 @@ def build_optimizer(
             jax.random.PRNGKey(seed)
         ),
     )
+  elif spec.name == "kron":
+    tx = psgd_kron(schedule)
   else:
+    names = OPTIMIZER_NAMES + OPTIONAL_OPTIMIZER_NAMES
     raise ValueError(
-        f"unknown optimizer {spec.name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}."
+        f"unknown optimizer {spec.name!r}; expected one of {', '.join(names)}."
     )
   return optax.with_extra_args_support(tx)
+
+
+def psgd_kron(schedule: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
+  """Return PSGD Kron from the ``psgd-jax`` package with its defaults.
+
+  Install it with ``pip install ".[psgd]"``. psgd-jax 0.2.9 imports
+  ``optax._src.clipping``, which optax 0.2.8 no longer has, and uses nothing
+  from it. ``optax.transforms._clipping`` is registered under that name
+  when it is missing, so that the import succeeds.
+  """
+  try:
+    importlib.import_module("optax._src.clipping")
+  except ModuleNotFoundError:
+    sys.modules["optax._src.clipping"] = importlib.import_module("optax.transforms._clipping")
+  try:
+    kron = importlib.import_module("psgd_jax.kron")
+  except ModuleNotFoundError as error:
+    raise ValueError(
+        f"the kron optimizer needs the psgd-jax package ({error}). Install it with"
+        ' pip install ".[psgd]", or leave kron out of --optimizers.'
+    ) from None
+  tx = kron.kron(learning_rate=schedule)
+
+  # Its update rejects the extra arguments (obj_fn) that Sophia needs.
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    return tx.update(updates, state, params)
+
+  return optax.GradientTransformation(tx.init, update_fn)
 
 
 def standard_specs(names: Sequence[str], simba_options: dict[str, Any]) -> list[OptimizerSpec]:
@@ -660,8 +695,9 @@ def add_common_arguments(
   """
   runs = parser.add_argument_group("runs")
   runs.add_argument(
-      "--optimizers", nargs="+", choices=OPTIMIZER_NAMES, default=list(OPTIMIZER_NAMES),
-      help="optimizers to compare (default: all of %(default)s)",
+      "--optimizers", nargs="+", choices=OPTIMIZER_NAMES + OPTIONAL_OPTIMIZER_NAMES,
+      default=list(OPTIMIZER_NAMES),
+      help="optimizers to compare (default: all of %(default)s; kron needs the psgd extra)",
   )
   runs.add_argument(
       "--seeds", nargs="+", type=int, default=[0, 1, 2],

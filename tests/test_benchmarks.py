@@ -4,6 +4,7 @@ The entry points run with tiny settings into a temporary folder; the objectives
 are checked against NumPy computations.
 """
 
+import importlib
 import json
 import math
 import pickle
@@ -195,7 +196,7 @@ def problem_for_optimizers(vectors_as_columns=False):
   )
 
 
-@pytest.mark.parametrize("name", common.OPTIMIZER_NAMES)
+@pytest.mark.parametrize("name", common.OPTIMIZER_NAMES + common.OPTIONAL_OPTIMIZER_NAMES)
 def test_every_optimizer_takes_steps(name):
   problem = problem_for_optimizers()
   spec = common.OptimizerSpec(name, name, {"coarse_fraction": 1.0} if name == "simba" else {})
@@ -216,6 +217,19 @@ def test_sophia_needs_objective():
   params, _ = problem.init(0)
   with pytest.raises(ValueError, match="obj_fn"):
     tx.update(params, tx.init(params), params)
+
+
+def test_kron_missing_package_message(monkeypatch):
+  import_module = importlib.import_module
+
+  def without_psgd(name, *args):
+    if name.startswith("psgd_jax"):
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    return import_module(name, *args)
+
+  monkeypatch.setattr(importlib, "import_module", without_psgd)
+  with pytest.raises(ValueError, match=r"pip install \"\.\[psgd\]\""):
+    common.psgd_kron(lambda count: 0.01)
 
 
 def test_muon_vector_as_column_normalised():
