@@ -73,7 +73,13 @@ def _prepare_key(seed: Any) -> tuple[jax.Array, Any]:
           "simba: seed must be an int or a PRNG key from jax.random.key, got"
           f" {seed!r}."
       )
-    key = jax.random.key(seed)
+    try:
+      key = jax.random.key(seed)
+    except OverflowError:
+      raise ValueError(
+          f"simba: seed={seed} does not fit in 64 bits. Pass an int in"
+          f" [{-2**63}, {2**63 - 1}]."
+      ) from None
     return jax.random.key_data(key), jax.random.key_impl(key)
 
 
@@ -309,7 +315,14 @@ def simba(
   # Kept on the host, so that init places the key like any other constant:
   # replicated on the mesh set with jax.set_mesh, not committed to one device.
   key_data = np.asarray(key_data)
-  mu_dtype = None if mu_dtype is None else jax.dtypes.canonicalize_dtype(mu_dtype)
+  if mu_dtype is not None:
+    try:
+      mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
+    except TypeError:
+      raise TypeError(
+          f"simba: mu_dtype={mu_dtype!r} is not a dtype. Pass None,"
+          " jnp.float32 or jnp.bfloat16, for example."
+      ) from None
   if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.floating):
     raise TypeError(
         f"simba: mu_dtype={mu_dtype} is not a real floating-point dtype."
@@ -346,7 +359,8 @@ def simba(
 
     new_mu, stacks, keys, sizes, poisons = [], [], [], [], []
     for gradient, buffer, view in zip(gradients, buffers, views):
-      if view is None:
+      # A leaf without entries has nothing to sample.
+      if view is None or 0 in view.shape:
         new_mu.append(buffer)
         continue
 
@@ -377,7 +391,7 @@ def simba(
     ))
     directions = []
     for gradient, view in zip(gradients, views):
-      if view is None:
+      if view is None or 0 in view.shape:
         directions.append(gradient)
         continue
       (block_directions, sampled), poison = next(coarse)

@@ -361,3 +361,24 @@ def test_large_leaf_memory(hyperparameters, rows, columns, count):
   assert update_matrix.shape == (rows, columns)
   grad_matrix = matrix_view(np.asarray(grad), row_axis=row_axis)
   assert_matrix_matches(grad_matrix, update_matrix, count=count, rank=20)
+
+
+def test_empty_leaves_pass_through():
+  # Leaves without entries have no rows to sample: their update is the
+  # empty gradient, and the other leaves are unaffected.
+  params = {
+      "rows_empty": jnp.zeros((0, 4)),
+      "columns_empty": jnp.zeros((4, 0)),
+      "vector_empty": jnp.zeros((0,)),
+      "kernel": jnp.zeros((6, 5)),
+  }
+  grads = dict(params, kernel=jnp.asarray(np.random.default_rng(8).normal(size=(6, 5)), jnp.float32))
+  transformation = simba_optax.simba(coarse_fraction=1.0)
+
+  updates, state = jax.jit(transformation.update)(grads, transformation.init(params))
+
+  for name in ("rows_empty", "columns_empty", "vector_empty"):
+    assert updates[name].shape == params[name].shape
+    assert state.mu[name].shape == params[name].shape
+  expected = simba_direction(matrix_view(np.asarray(grads["kernel"], np.float64)), 20, 1e-8)
+  assert relative_error(matrix_view(np.asarray(updates["kernel"])), expected) <= RELATIVE_TOLERANCE

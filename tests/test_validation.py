@@ -26,6 +26,7 @@ from simba_optax import SimbaDimensionNumbers
         (dict(eps=float("inf")), r"eps=inf .*\[0,"),
         (dict(oversampling=-1), r"oversampling=-1 .*>= 0"),
         (dict(power_iterations=-2), r"power_iterations=-2 .*>= 0"),
+        (dict(seed=2**64), r"seed=18446744073709551616 .*64 bits"),
     ],
 )
 def test_out_of_range_hyperparameter(kwargs, pattern):
@@ -45,6 +46,7 @@ def test_out_of_range_hyperparameter(kwargs, pattern):
         (dict(seed=1.5), "seed"),
         (dict(seed="0"), "seed"),
         (dict(mu_dtype=jnp.int32), "mu_dtype"),
+        (dict(mu_dtype="not_a_dtype"), "mu_dtype='not_a_dtype' is not a dtype"),
         (dict(dimension_numbers=3), "dimension_numbers"),
         (dict(dimension_numbers={"w": (1, 0)}), "dimension_numbers"),
     ],
