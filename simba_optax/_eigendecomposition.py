@@ -49,6 +49,10 @@ _SMALL_SVD_FLOPS = 22
 # are small.
 _PIECE_ENTRIES = 2**22
 
+# Blocks per iteration of the CPU loop in inverse_root_directions. Their
+# unbatched LAPACK calls are independent, so XLA can run them on two cores.
+# On a 24-layer MLP of width 256 (2 cores), 2 gave the fastest step of 1, 2
+# and 4.
 _CPU_UNROLL = 2
 
 

@@ -169,15 +169,6 @@ def to_matrices(leaf: jax.Array, view: LeafView) -> jax.Array:
   return stacked.reshape(view.batch_size, view.rows, view.columns)
 
 
-def from_matrices(matrices: jax.Array, view: LeafView) -> jax.Array:
-  """Inverts ``to_matrices``: returns the stack in the leaf's shape."""
-  if view.row_axis is None:
-    return matrices.reshape(view.shape)
-  permuted_shape = tuple(view.shape[a] for a in view.permutation)
-  inverse = tuple(sorted(range(len(view.shape)), key=view.permutation.__getitem__))
-  return jnp.transpose(matrices.reshape(permuted_shape), inverse)
-
-
 def prolong_to_leaf(
     directions: jax.Array, sampled: jax.Array, view: LeafView,
     fill_value: jax.typing.ArrayLike = 0.0, out_sharding: Any = None,

@@ -61,17 +61,3 @@ def replicated_sharding(x: jax.Array) -> NamedSharding | None:
     return None
   return NamedSharding(sharding.mesh, PartitionSpec())
 
-
-def element_sharding(stack: jax.Array) -> NamedSharding | None:
-  """Returns the explicit sharding of one ``stack[i]``, or ``None``.
-
-  Inside ``jax.vmap`` over the leading axis, this is the sharding of each
-  mapped element.
-  """
-  sharding = explicit_sharding(stack)
-  if sharding is None:
-    return None
-  spec = tuple(sharding.spec)[1:]
-  if all(entry is None for entry in spec):
-    return None
-  return NamedSharding(sharding.mesh, PartitionSpec(*spec))

@@ -1,8 +1,9 @@
 """Coarse model: the rows of a matrix that Simba updates in one step.
 
 The restriction ``R`` of Tsipinakis & Parpas (2023) picks ``n_l`` distinct rows of the
-``n``-row matrix view, uniformly without replacement, and the prolongation
-``P = R^T`` writes the coarse direction back to those rows.
+``n``-row matrix view, uniformly without replacement. The prolongation
+``P = R^T``, ``_matrix_view.prolong_to_leaf``, writes the coarse direction
+back to those rows.
 
 Cost of ``sample_rows``: ``O(n_l log n_l)`` when ``n_l <= n / 16`` (draws
 with replacement, the first ``n_l`` distinct kept), otherwise a random
@@ -132,20 +133,3 @@ def restrict(matrix: jax.Array, key: jax.Array, size: int):
     return sampled, matrix
   return sampled, matrix.at[sampled].get(out_sharding=replicated)
 
-
-def prolong(
-    block: jax.Array, sampled: jax.Array, rows: int, out_sharding=None
-) -> jax.Array:
-  """Writes ``block`` into the ``sampled`` rows of zeros: the prolongation ``R^T``.
-
-  ``out_sharding``, an explicit sharding for the result, lets each device
-  write only the rows it holds.
-  """
-  if block.shape[0] == rows:
-    if out_sharding is not None:
-      block = jax.sharding.reshard(block, out_sharding)
-    return block
-  zeros = jnp.zeros(
-      (rows,) + block.shape[1:], block.dtype, out_sharding=out_sharding
-  )
-  return zeros.at[sampled].set(block, out_sharding=out_sharding)

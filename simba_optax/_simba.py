@@ -359,8 +359,7 @@ def simba(
 
     new_mu, stacks, keys, sizes, poisons = [], [], [], [], []
     for gradient, buffer, view in zip(gradients, buffers, views):
-      # A leaf without entries has nothing to sample.
-      if view is None or 0 in view.shape:
+      if not _is_decomposed(view):
         new_mu.append(buffer)
         continue
 
@@ -391,7 +390,7 @@ def simba(
     ))
     directions = []
     for gradient, view in zip(gradients, views):
-      if view is None or 0 in view.shape:
+      if not _is_decomposed(view):
         directions.append(gradient)
         continue
       (block_directions, sampled), poison = next(coarse)
@@ -426,6 +425,15 @@ def _check_dimension_numbers_spec(spec: Any) -> None:
           " tree of them (or None) matching the parameters, or a callable"
           f" returning one of these; it contains {entry!r}."
       )
+
+
+def _is_decomposed(view: _matrix_view.LeafView | None) -> bool:
+  """Returns whether a leaf with this view gets a Simba direction.
+
+  Leaves without a view and leaves without entries pass through unchanged,
+  because an empty leaf has no rows to sample.
+  """
+  return view is not None and 0 not in view.shape
 
 
 def _check_gradient_tree(gradients: Any, momentum: Any) -> None:

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from simba_optax import SimbaDimensionNumbers
+from simba_optax import _matrix_view
 from simba_optax import _row_sampling
 
 # Each chi-square test below rejects a truly uniform sampler with this
@@ -98,7 +100,8 @@ def test_restrict_and_prolong_roundtrip():
   sampled, block = _row_sampling.restrict(matrix, jax.random.key(2), 4)
   np.testing.assert_array_equal(block, np.asarray(matrix)[np.asarray(sampled)])
 
-  full = np.asarray(_row_sampling.prolong(block, sampled, 10))
+  view = _matrix_view.make_leaf_view((10, 3), SimbaDimensionNumbers(row_axis=0), "matrix")
+  full = np.asarray(_matrix_view.prolong_to_leaf(block[None], sampled[None], view))
   expected = np.zeros((10, 3))
   expected[np.asarray(sampled)] = np.asarray(block)
   np.testing.assert_array_equal(full, expected)

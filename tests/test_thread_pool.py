@@ -1,6 +1,6 @@
 """Compiled updates of networks with several groups of equal layers finish on CPU.
 
-Each test runs in a fresh process with a time limit, because a deadlock in
+The test runs in a fresh process with a time limit, because a deadlock in
 XLA's CPU thread pool hangs the process instead of raising an error.
 """
 
