@@ -124,6 +124,9 @@ def _exact_direction(a: jax.Array, rank: int, eps: jax.Array) -> jax.Array:
   head, tail = _inverse_levels(s, rank, eps, tolerance)
   levels = jnp.concatenate([head, jnp.broadcast_to(tail, (s.shape[0] - head.shape[0],))])
   factors = jnp.where(s > tolerance, s * levels, 0.0)
+  # LAPACK's factors of a block of NaN need not be NaN. Every entry of such
+  # a block is NaN (see inverse_root_directions), so one entry poisons D.
+  factors = factors + a[0, 0] * 0
 
   direction = q @ ((w * factors) @ zt)
   return direction if tall else direction.T
@@ -168,6 +171,29 @@ def _randomized_direction(
   return tail * a + basis @ (inside - tail * projection)
 
 
+def _scaled_direction(
+    a: jax.Array, key: jax.Array, rank: int, eps: jax.Array,
+    oversampling: int, power_iterations: int,
+) -> jax.Array:
+  """Returns ``D`` for a block ``a`` whose largest magnitude is at most 1.
+
+  ``eps`` is in ``a``'s units. An all-zero block gives an all-zero ``D`` on
+  every path: its singular values are zero, so every factor is zero.
+  """
+  rows, columns = a.shape
+  rank = min(rank, rows)
+  if min(rows, columns) == 1:
+    # A single row or column has one singular value, its norm, so D is the
+    # block divided by max(norm, eps): no factorisation needed.
+    norm = jnp.sqrt(jnp.sum(a * a))
+    return a / jnp.where(norm > 0, jnp.maximum(norm, eps), 1.0)
+  if use_randomized(rows, columns, rank, oversampling, power_iterations):
+    return _randomized_direction(
+        a, key, rank, eps, oversampling, power_iterations
+    )
+  return _exact_direction(a, rank, eps)
+
+
 def inverse_root_direction(
     block: jax.Array,
     key: jax.Array,
@@ -189,32 +215,20 @@ def inverse_root_direction(
 
   Returns:
     ``D`` as in the module docstring, with the shape and dtype of ``block``.
-    An all-zero block gives an all-zero ``D``.
+    An all-zero block gives an all-zero ``D``, and a block that contains a
+    NaN or an infinity an all-NaN ``D``.
   """
-  rows, columns = block.shape
-  rank = min(rank, rows)
-
   # Scale by the largest magnitude. The direction is invariant to the scale
   # of A once eps is scaled with it.
   scale = _largest_magnitude(block)[0, 0]
   safe_scale = jnp.where(scale > 0, scale, 1.0)
-  a = block / safe_scale
-  eps = jnp.asarray(eps, block.dtype) / safe_scale
-
-  if min(rows, columns) == 1:
-    # A single row or column has one singular value, its norm, so D is the
-    # block divided by max(norm, eps): no factorisation needed.
-    norm = jnp.sqrt(jnp.sum(a * a))
-    direction = a / jnp.maximum(norm, eps)
-  elif use_randomized(rows, columns, rank, oversampling, power_iterations):
-    direction = _randomized_direction(
-        a, key, rank, eps, oversampling, power_iterations
-    )
-  else:
-    direction = _exact_direction(a, rank, eps)
+  direction = _scaled_direction(
+      block / safe_scale, key, rank, jnp.asarray(eps, block.dtype) / safe_scale,
+      oversampling, power_iterations,
+  )
   # Adding scale * 0, NaN for a block that contains a NaN or an infinity,
   # keeps such a block's direction NaN whatever LAPACK returns for it.
-  return jnp.where(scale == 0, 0.0, direction) + scale * 0
+  return direction + scale * 0
 
 
 def _largest_magnitude(blocks: jax.Array) -> jax.Array:
@@ -307,9 +321,7 @@ def _standard_normal(keys: jax.Array, shape: tuple[int, ...], dtype) -> jax.Arra
   return draws.reshape(keys.shape + shape)
 
 
-def _long_exact_direction(
-    a: jax.Array, rank: int, eps: jax.Array, poison: jax.Array
-) -> jax.Array:
+def _long_exact_direction(a: jax.Array, rank: int, eps: jax.Array) -> jax.Array:
   rows, columns = a.shape[-2:]
   axis = -2 if rows >= columns else -1
   _, s, zt = jnp.linalg.svd(_r_factor(a, axis))
@@ -324,7 +336,6 @@ def _long_exact_direction(
   head, tail = _inverse_levels_batched(s, rank, eps, tolerance)
   fill = jnp.broadcast_to(tail[..., None], s.shape[:-1] + (s.shape[-1] - head.shape[-1],))
   levels = jnp.where(s > tolerance, jnp.concatenate([head, fill], axis=-1), 0.0)
-  levels = levels + poison[..., None]
   inverse_root = (_transpose(zt) * levels[..., None, :]) @ zt
 
   if axis == -2:
@@ -334,7 +345,7 @@ def _long_exact_direction(
 
 def _long_randomized_direction(
     a: jax.Array, keys: jax.Array, rank: int, eps: jax.Array,
-    poison: jax.Array, oversampling: int, power_iterations: int,
+    oversampling: int, power_iterations: int,
 ) -> jax.Array:
   """Computes ``_randomized_direction``'s result for a batch of long blocks."""
   rows, columns = a.shape[-2:]
@@ -359,7 +370,7 @@ def _long_randomized_direction(
   # D = basis @ inside @ p^T + tail * (a - basis @ projection), the same
   # terms as _randomized_direction, evaluated one piece at a time.
   inside = (_transpose(zt) * factors[..., None, :]) @ _transpose(w)
-  tail = (tail + poison)[..., None, None]
+  tail = tail[..., None, None]
 
   if rows >= columns:
     inside_rows = inside @ _transpose(p)
@@ -389,49 +400,72 @@ def _inverse_levels_batched(
 
 
 def _long_block_directions(
-    blocks: jax.Array, keys: jax.Array, *, rank: int, eps: jax.Array,
-    oversampling: int, power_iterations: int,
+    blocks: jax.Array, keys: jax.Array, scales: jax.Array | None, *,
+    rank: int, eps: jax.Array, oversampling: int, power_iterations: int,
 ) -> jax.Array:
+  """Computes ``_scaled_direction`` for a batch of long blocks, in place.
+
+  The blocks are divided by ``scales`` first, unless it is ``None``.
+  """
   rows, columns = blocks.shape[-2:]
   rank = min(rank, rows)
   axis = -2 if rows >= columns else -1
 
-  scale = _largest_magnitude(blocks)
-  safe_scale = jnp.where(scale > 0, scale, 1.0)
-  eps = jnp.asarray(eps, blocks.dtype) / safe_scale
-  # NaN for a block that contains a NaN or an infinity, else zero. Added to
-  # the small factors below, it makes the block's direction NaN, which
-  # LAPACK's factors of such a block do not ensure.
-  poison = scale[..., 0, 0] * 0
-  # Divided in place: a scaled copy next to the blocks would double their
-  # memory. An all-zero block stays zero on every path below.
-  a = _transform_pieces(blocks, lambda piece, _: piece / safe_scale, axis)
+  # Divided in place: a divided copy next to the blocks would double their
+  # memory.
+  a = blocks
+  if scales is not None:
+    a = _transform_pieces(a, lambda piece, _: piece / scales[:, None, None], axis)
 
   if min(rows, columns) == 1:
     norm = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True))
-    norm = jnp.where(norm > 0, jnp.maximum(norm, eps), 1.0)
+    norm = jnp.where(norm > 0, jnp.maximum(norm, eps[..., None, None]), 1.0)
     return _transform_pieces(a, lambda piece, _: piece / norm, axis)
   if use_randomized(rows, columns, rank, oversampling, power_iterations):
     return _long_randomized_direction(
-        a, keys, rank, eps[..., 0, 0], poison, oversampling, power_iterations
+        a, keys, rank, eps, oversampling, power_iterations
     )
-  return _long_exact_direction(a, rank, eps[..., 0, 0], poison)
+  return _long_exact_direction(a, rank, eps)
+
+
+def divides_in_place(shape: tuple[int, int], batch: int) -> bool:
+  """Returns whether ``inverse_root_directions`` divides such blocks itself.
+
+  That is the case for long blocks, processed in pieces (see
+  ``inverse_root_directions``). Other blocks should be passed already
+  divided by their scales, with ``divided=True``.
+  """
+  width = min(shape)
+  return max(shape) > max(_PIECE_ENTRIES // (width * batch), 4 * width)
 
 
 def inverse_root_directions(
     blocks: jax.Array,
     keys: jax.Array,
+    scales: jax.Array,
     *,
     rank: int,
     eps: jax.Array,
     oversampling: int,
     power_iterations: int,
+    divided: bool = False,
 ) -> jax.Array:
-  """Applies ``inverse_root_direction`` to a batch of blocks.
+  """Applies ``inverse_root_direction`` to a batch of blocks with given scales.
+
+  Each block is taken divided by its scale, a value at least its largest
+  magnitude such as the largest magnitude of the leaf it comes from. A
+  scale known before the block is gathered lets XLA fuse the division into
+  the gather (pass the divided blocks and ``divided=True``), where a scale
+  taken from the block would need a second copy of it. Long blocks (see
+  ``divides_in_place``) are divided here, in place. A NaN scale, which the
+  caller passes for a leaf with a NaN or an infinity, makes the block's
+  ``D`` all NaN on every path.
 
   Args:
     blocks: shape ``(batch, n_l, d)``.
     keys: one PRNG key per block, shape ``(batch,)``.
+    scales: one positive scale per block, shape ``(batch,)``.
+    divided: whether ``blocks`` are already divided by ``scales``.
     rank: as for ``inverse_root_direction``.
     eps: as for ``inverse_root_direction``.
     oversampling: as for ``inverse_root_direction``.
@@ -453,26 +487,31 @@ def inverse_root_directions(
   layers). Other platforms get one batched computation.
   """
   settings = dict(
-      rank=rank, eps=eps, oversampling=oversampling,
-      power_iterations=power_iterations,
+      rank=rank, oversampling=oversampling, power_iterations=power_iterations,
   )
+  scales = scales.astype(blocks.dtype)
+  eps = jnp.asarray(eps, blocks.dtype) / scales
 
-  def batched(blocks, keys):
-    if max(blocks.shape[-2:]) > _piece_length(blocks):
-      return _long_block_directions(blocks, keys, **settings)
+  def batched(blocks, keys, scales, eps):
+    if divides_in_place(blocks.shape[-2:], blocks.shape[0]):
+      return _long_block_directions(
+          blocks, keys, None if divided else scales, eps=eps, **settings
+      )
+    if not divided:
+      blocks = blocks / scales[:, None, None]
     return jax.vmap(
-        lambda block, key: inverse_root_direction(block, key, **settings)
-    )(blocks, keys)
+        lambda block, key, eps: _scaled_direction(block, key, eps=eps, **settings)
+    )(blocks, keys, eps)
 
   if blocks.shape[0] == 1:
-    return batched(blocks, keys)
+    return batched(blocks, keys, scales, eps)
 
-  def one_at_a_time(blocks, keys):
-    def body(carry, pair):
-      return carry, batched(pair[0][None], pair[1][None])[0]
+  def one_at_a_time(*inputs):
+    def body(carry, inputs):
+      return carry, batched(*(x[None] for x in inputs))[0]
 
-    return jax.lax.scan(body, None, (blocks, keys), unroll=_CPU_UNROLL)[1]
+    return jax.lax.scan(body, None, inputs, unroll=_CPU_UNROLL)[1]
 
   return jax.lax.platform_dependent(
-      blocks, keys, cpu=one_at_a_time, default=batched
+      blocks, keys, scales, eps, cpu=one_at_a_time, default=batched
   )

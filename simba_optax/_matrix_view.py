@@ -178,7 +178,8 @@ def prolong_to_leaf(
   Args:
     directions: ``(batch_size, n_l, columns)``, the direction of each matrix
       on its sampled rows.
-    sampled: ``(batch_size, n_l)``, the sampled rows of each matrix.
+    sampled: ``(batch_size, n_l)``, the sampled rows of each matrix, in
+      increasing order.
     view: the leaf's view.
     fill_value: a scalar, the value of the rows not sampled.
     out_sharding: an explicit sharding for the result, or ``None``.
