@@ -166,9 +166,10 @@ def accuracy(max_iterations: int) -> dict:
     )
     errors = {}
     for iterations in range(max_iterations + 1):
-      randomized = _eigendecomposition._randomized_direction(
-          block32, jax.random.key(0), rank, jnp.float32(1e-8), oversampling, iterations
-      )
+      randomized = _eigendecomposition._randomized_directions(
+          block32[None], jax.random.key(0)[None], rank, jnp.float32([1e-8]),
+          oversampling, iterations,
+      )[0]
       errors[iterations] = float(
           np.linalg.norm(np.asarray(randomized, np.float64) - exact) / np.linalg.norm(exact)
       )

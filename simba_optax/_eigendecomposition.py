@@ -24,9 +24,12 @@ values. Singular values come from an SVD of a small triangular factor:
 ``use_randomized`` picks the cheaper of the two in flops; the exact path is
 also taken whenever the sketch would not be smaller than ``m``.
 
-Long blocks: when a block's long side spans more than ``_PIECE_ENTRIES``
-entries, it is processed in pieces along that side, so that beyond the block
-itself only small buffers are needed (see ``inverse_root_directions``).
+In place: the randomized path writes ``D`` over the block one piece at a
+time, at least two pieces, so the update needs the block and one piece's
+product, not a second block. Long blocks, whose long side spans more than
+``_PIECE_ENTRIES`` entries, take every path in pieces along that side, so
+that beyond the block itself only small buffers are needed (see
+``inverse_root_directions``).
 
 Numerical rank: singular values at or below ``s_1 * max(n_l, d) * eps_dtype``
 carry only rounding noise, so their directions contribute zero, and a tail
@@ -132,68 +135,6 @@ def _exact_direction(a: jax.Array, rank: int, eps: jax.Array) -> jax.Array:
   return direction if tall else direction.T
 
 
-def _randomized_direction(
-    a: jax.Array, key: jax.Array, rank: int, eps: jax.Array,
-    oversampling: int, power_iterations: int,
-) -> jax.Array:
-  rows, columns = a.shape
-  sketch = rank + oversampling
-
-  # Range finder: an orthonormal basis of the dominant column space of a.
-  omega = jax.random.normal(key, (columns, sketch), a.dtype)
-  basis, _ = jnp.linalg.qr(a @ omega)
-  for _ in range(power_iterations):
-    # (basis^T a)^T equals a^T basis; XLA on CPU computes it about 1.7 times
-    # faster in this orientation.
-    right, _ = jnp.linalg.qr((basis.T @ a).T)
-    basis, _ = jnp.linalg.qr(a @ right)
-
-  # With projection = basis^T a = zt^T diag(s) w^T p^T, the part of a inside
-  # the sketch's span is basis @ zt^T diag(s) w^T p^T, an SVD. Its directions
-  # get s_i / sigma_i with no subtraction, as on the exact path. Only the
-  # residual outside the span, already of the tail's size, is a difference.
-  projection = basis.T @ a
-  p, w, s, zt = _thin_svd(projection.T)
-  tolerance = s[0] * max(rows, columns) * jnp.finfo(a.dtype).eps
-
-  # Tail directions are not checked against the tolerance one by one, so
-  # that those inside the sketch are treated like those in the residual.
-  head, tail = _inverse_levels(s, rank, eps, tolerance)
-  factors = jnp.concatenate([s[: head.shape[0]] * head, s[head.shape[0]:] * tail])
-  inside = (zt.T * factors) @ (w.T @ p.T)
-
-  # D = basis @ inside + tail * (a - basis @ projection), regrouped so that
-  # only one product has a's size. The rounding error is the same order:
-  # either way a term of size tail * s_1 cancels down to the residual.
-  # NOTE: directions at rounding level still enter the tail term here, with
-  # weight at most tolerance / sigma_k, where the exact path drops them. The
-  # residual outside the sketch cannot be split into directions cheaply.
-  return tail * a + basis @ (inside - tail * projection)
-
-
-def _scaled_direction(
-    a: jax.Array, key: jax.Array, rank: int, eps: jax.Array,
-    oversampling: int, power_iterations: int,
-) -> jax.Array:
-  """Returns ``D`` for a block ``a`` whose largest magnitude is at most 1.
-
-  ``eps`` is in ``a``'s units. An all-zero block gives an all-zero ``D`` on
-  every path: its singular values are zero, so every factor is zero.
-  """
-  rows, columns = a.shape
-  rank = min(rank, rows)
-  if min(rows, columns) == 1:
-    # A single row or column has one singular value, its norm, so D is the
-    # block divided by max(norm, eps): no factorisation needed.
-    norm = jnp.sqrt(jnp.sum(a * a))
-    return a / jnp.where(norm > 0, jnp.maximum(norm, eps), 1.0)
-  if use_randomized(rows, columns, rank, oversampling, power_iterations):
-    return _randomized_direction(
-        a, key, rank, eps, oversampling, power_iterations
-    )
-  return _exact_direction(a, rank, eps)
-
-
 def inverse_root_direction(
     block: jax.Array,
     key: jax.Array,
@@ -222,10 +163,11 @@ def inverse_root_direction(
   # of A once eps is scaled with it.
   scale = _largest_magnitude(block)[0, 0]
   safe_scale = jnp.where(scale > 0, scale, 1.0)
-  direction = _scaled_direction(
-      block / safe_scale, key, rank, jnp.asarray(eps, block.dtype) / safe_scale,
-      oversampling, power_iterations,
-  )
+  floor = jnp.asarray(eps, block.dtype) / safe_scale
+  direction = _scaled_directions(
+      (block / safe_scale)[None], key[None], floor[None], rank=rank,
+      oversampling=oversampling, power_iterations=power_iterations,
+  )[0]
   # Adding scale * 0, NaN for a block that contains a NaN or an infinity,
   # keeps such a block's direction NaN whatever LAPACK returns for it.
   return direction + scale * 0
@@ -291,7 +233,9 @@ def _r_factor(a: jax.Array, axis: int) -> jax.Array:
   return r
 
 
-def _transform_pieces(a: jax.Array, transform, axis: int) -> jax.Array:
+def _transform_pieces(
+    a: jax.Array, transform, axis: int, halve: bool = False
+) -> jax.Array:
   """Returns ``a`` with every piece along ``axis`` replaced by ``transform``.
 
   ``transform(piece, start)`` maps the piece of ``a`` that begins at index
@@ -299,9 +243,13 @@ def _transform_pieces(a: jax.Array, transform, axis: int) -> jax.Array:
   before it is written, so XLA updates ``a``'s buffer in place instead of
   allocating a second one. That needs ``a`` to be unused afterwards and the
   loop not to run under ``jax.vmap``, which turns the update into a scatter.
+  With ``halve``, a block that would be one piece is split into two: XLA
+  writes a single piece that covers the whole block to a new buffer.
   """
   length = a.shape[axis]
   piece = min(length, _piece_length(a))
+  if halve and piece == length > 1:
+    piece = -(-length // 2)
 
   def update(a, start, size):
     new = transform(_read_piece(a, start, size, axis), start)
@@ -343,51 +291,66 @@ def _long_exact_direction(a: jax.Array, rank: int, eps: jax.Array) -> jax.Array:
   return _transform_pieces(a, lambda piece, _: inverse_root @ piece, axis)
 
 
-def _long_randomized_direction(
+def _randomized_directions(
     a: jax.Array, keys: jax.Array, rank: int, eps: jax.Array,
     oversampling: int, power_iterations: int,
 ) -> jax.Array:
-  """Computes ``_randomized_direction``'s result for a batch of long blocks."""
+  """Returns ``D`` for a batch of blocks by the randomized path.
+
+  ``D`` is written over ``a`` one piece at a time, so beyond ``a`` only
+  buffers of a piece's size are needed.
+  """
   rows, columns = a.shape[-2:]
   sketch = rank + oversampling
 
+  # Range finder: an orthonormal basis of the dominant column space of a.
   omega = _standard_normal(keys, (columns, sketch), a.dtype)
   basis, _ = jnp.linalg.qr(a @ omega)
   for _ in range(power_iterations):
-    right, _ = jnp.linalg.qr(_transpose(a) @ basis)
+    # (basis^T a)^T equals a^T basis; XLA on CPU computes it about 1.7 times
+    # faster in this orientation.
+    right, _ = jnp.linalg.qr(_transpose(_transpose(basis) @ a))
     basis, _ = jnp.linalg.qr(a @ right)
 
+  # With projection = basis^T a = zt^T diag(s) w^T p^T, the part of a inside
+  # the sketch's span is basis @ zt^T diag(s) w^T p^T, an SVD. Its directions
+  # get s_i / sigma_i with no subtraction, as on the exact path. Only the
+  # residual outside the span, already of the tail's size, is a difference.
   projection = _transpose(basis) @ a
   p, r = jnp.linalg.qr(_transpose(projection))
   w, s, zt = jnp.linalg.svd(r)
   tolerance = s[..., :1] * max(rows, columns) * jnp.finfo(a.dtype).eps
 
+  # Tail directions are not checked against the tolerance one by one, so
+  # that those inside the sketch are treated like those in the residual.
   head, tail = _inverse_levels_batched(s, rank, eps, tolerance)
   factors = jnp.concatenate(
       [s[..., : head.shape[-1]] * head, s[..., head.shape[-1]:] * tail[..., None]],
       axis=-1,
   )
-  # D = basis @ inside @ p^T + tail * (a - basis @ projection), the same
-  # terms as _randomized_direction, evaluated one piece at a time.
   inside = (_transpose(zt) * factors[..., None, :]) @ _transpose(w)
   tail = tail[..., None, None]
 
-  if rows >= columns:
-    inside_rows = inside @ _transpose(p)
+  # D = basis @ inside @ p^T + tail * (a - basis @ projection), regrouped as
+  # tail * a + basis @ rest so that only one product has a's size. The
+  # rounding error is the same order: either way a term of size tail * s_1
+  # cancels down to the residual.
+  # NOTE: directions at rounding level still enter the tail term here, with
+  # weight at most tolerance / sigma_k, where the exact path drops them. The
+  # residual outside the sketch cannot be split into directions cheaply.
+  rest = inside @ _transpose(p) - tail * projection
 
+  if rows >= columns:
     def transform(piece, start):
       basis_rows = _read_piece(basis, start, piece.shape[-2], -2)
-      return basis_rows @ inside_rows + tail * (piece - basis_rows @ projection)
+      return tail * piece + basis_rows @ rest
 
-    return _transform_pieces(a, transform, -2)
+    return _transform_pieces(a, transform, -2, halve=True)
 
   def transform(piece, start):
-    p_rows = _read_piece(p, start, piece.shape[-1], -2)
-    projection_columns = _read_piece(projection, start, piece.shape[-1], -1)
-    return (basis @ (inside @ _transpose(p_rows))
-            + tail * (piece - basis @ projection_columns))
+    return tail * piece + basis @ _read_piece(rest, start, piece.shape[-1], -1)
 
-  return _transform_pieces(a, transform, -1)
+  return _transform_pieces(a, transform, -1, halve=True)
 
 
 def _inverse_levels_batched(
@@ -399,33 +362,33 @@ def _inverse_levels_batched(
   )
 
 
-def _long_block_directions(
-    blocks: jax.Array, keys: jax.Array, scales: jax.Array | None, *,
-    rank: int, eps: jax.Array, oversampling: int, power_iterations: int,
+def _scaled_directions(
+    a: jax.Array, keys: jax.Array, eps: jax.Array, *, rank: int,
+    oversampling: int, power_iterations: int,
 ) -> jax.Array:
-  """Computes ``_scaled_direction`` for a batch of long blocks, in place.
+  """Returns ``D`` for a batch of blocks whose largest magnitude is at most 1.
 
-  The blocks are divided by ``scales`` first, unless it is ``None``.
+  ``eps`` has one floor per block, in the blocks' units. An all-zero block
+  gives an all-zero ``D`` on every path: its singular values are zero, so
+  every factor is zero. ``a`` is overwritten where XLA can.
   """
-  rows, columns = blocks.shape[-2:]
+  rows, columns = a.shape[-2:]
   rank = min(rank, rows)
   axis = -2 if rows >= columns else -1
 
-  # Divided in place: a divided copy next to the blocks would double their
-  # memory.
-  a = blocks
-  if scales is not None:
-    a = _transform_pieces(a, lambda piece, _: piece / scales[:, None, None], axis)
-
   if min(rows, columns) == 1:
+    # A single row or column has one singular value, its norm, so D is the
+    # block divided by max(norm, eps): no factorisation needed.
     norm = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True))
     norm = jnp.where(norm > 0, jnp.maximum(norm, eps[..., None, None]), 1.0)
     return _transform_pieces(a, lambda piece, _: piece / norm, axis)
   if use_randomized(rows, columns, rank, oversampling, power_iterations):
-    return _long_randomized_direction(
+    return _randomized_directions(
         a, keys, rank, eps, oversampling, power_iterations
     )
-  return _long_exact_direction(a, rank, eps)
+  if divides_in_place(a.shape[-2:], a.shape[0]):
+    return _long_exact_direction(a, rank, eps)
+  return jax.vmap(_exact_direction, in_axes=(0, None, 0))(a, rank, eps)
 
 
 def divides_in_place(shape: tuple[int, int], batch: int) -> bool:
@@ -493,15 +456,16 @@ def inverse_root_directions(
   eps = jnp.asarray(eps, blocks.dtype) / scales
 
   def batched(blocks, keys, scales, eps):
-    if divides_in_place(blocks.shape[-2:], blocks.shape[0]):
-      return _long_block_directions(
-          blocks, keys, None if divided else scales, eps=eps, **settings
+    if not divided and divides_in_place(blocks.shape[-2:], blocks.shape[0]):
+      # Divided in place: a divided copy next to the blocks would double
+      # their memory.
+      axis = -2 if blocks.shape[-2] >= blocks.shape[-1] else -1
+      blocks = _transform_pieces(
+          blocks, lambda piece, _: piece / scales[:, None, None], axis
       )
-    if not divided:
+    elif not divided:
       blocks = blocks / scales[:, None, None]
-    return jax.vmap(
-        lambda block, key, eps: _scaled_direction(block, key, eps=eps, **settings)
-    )(blocks, keys, eps)
+    return _scaled_directions(blocks, keys, eps, **settings)
 
   if blocks.shape[0] == 1:
     return batched(blocks, keys, scales, eps)
