@@ -24,9 +24,9 @@ values. Singular values come from an SVD of a small triangular factor:
 ``use_randomized`` picks the cheaper of the two in flops; the exact path is
 also taken whenever the sketch would not be smaller than ``m``.
 
-In place: the randomized path writes ``D`` over the block one piece at a
-time, at least two pieces, so the update needs the block and one piece's
-product, not a second block. Long blocks, whose long side spans more than
+In place: the randomized path writes ``D`` over the block one piece of rows
+at a time (``_SPLIT`` pieces unless the block is long), so the update needs
+the block and one piece's product, not a second block. Long blocks, whose long side spans more than
 ``_PIECE_ENTRIES`` entries, take every path in pieces along that side, so
 that beyond the block itself only small buffers are needed (see
 ``inverse_root_directions``).
@@ -51,6 +51,11 @@ _SMALL_SVD_FLOPS = 22
 # call, whose thread synchronisation dominates on a busy CPU if the pieces
 # are small.
 _PIECE_ENTRIES = 2**22
+
+# Pieces of rows in which the randomized path writes D over a block that is
+# not long. The update then needs the block, a quarter of it for one piece's
+# product, and small factors: at most the leaf's size for a 256 x 256 leaf.
+_SPLIT = 4
 
 # Blocks per iteration of the CPU loop in inverse_root_directions. Their
 # unbatched LAPACK calls are independent, so XLA can run them on two cores.
@@ -234,7 +239,7 @@ def _r_factor(a: jax.Array, axis: int) -> jax.Array:
 
 
 def _transform_pieces(
-    a: jax.Array, transform, axis: int, halve: bool = False
+    a: jax.Array, transform, axis: int, split: int = 1
 ) -> jax.Array:
   """Returns ``a`` with every piece along ``axis`` replaced by ``transform``.
 
@@ -243,17 +248,18 @@ def _transform_pieces(
   before it is written, so XLA updates ``a``'s buffer in place instead of
   allocating a second one. That needs ``a`` to be unused afterwards and the
   loop not to run under ``jax.vmap``, which turns the update into a scatter.
-  With ``halve``, a block that would be one piece is split into two: XLA
-  writes a single piece that covers the whole block to a new buffer.
+  A block that would be one piece is split into ``split`` pieces, because
+  XLA writes a single piece that covers the whole block to a new buffer.
   """
   length = a.shape[axis]
   piece = min(length, _piece_length(a))
-  if halve and piece == length > 1:
-    piece = -(-length // 2)
 
   def update(a, start, size):
     new = transform(_read_piece(a, start, size, axis), start)
     return jax.lax.dynamic_update_slice_in_dim(a, new, start, axis=axis % a.ndim)
+
+  if piece == length:
+    piece = -(-length // min(split, length))
 
   count, rest = divmod(length, piece)
   # The short last piece goes first, so that the loop's result is the output
@@ -340,17 +346,20 @@ def _randomized_directions(
   # residual outside the sketch cannot be split into directions cheaply.
   rest = inside @ _transpose(p) - tail * projection
 
-  if rows >= columns:
+  if rows < columns and divides_in_place(a.shape[-2:], a.shape[0]):
+    # A long wide block is written in pieces of its long side, the columns.
     def transform(piece, start):
-      basis_rows = _read_piece(basis, start, piece.shape[-2], -2)
-      return tail * piece + basis_rows @ rest
+      return tail * piece + basis @ _read_piece(rest, start, piece.shape[-1], -1)
 
-    return _transform_pieces(a, transform, -2, halve=True)
+    return _transform_pieces(a, transform, -1)
 
+  # Other blocks are written in pieces of rows. A piece has fewer rows than
+  # the block and all its columns, so no n_l x n_l array appears.
   def transform(piece, start):
-    return tail * piece + basis @ _read_piece(rest, start, piece.shape[-1], -1)
+    basis_rows = _read_piece(basis, start, piece.shape[-2], -2)
+    return tail * piece + basis_rows @ rest
 
-  return _transform_pieces(a, transform, -1, halve=True)
+  return _transform_pieces(a, transform, -2, split=_SPLIT)
 
 
 def _inverse_levels_batched(

@@ -363,11 +363,11 @@ def test_large_leaf_memory(hyperparameters, rows, columns, count):
   assert_matrix_matches(grad_matrix, update_matrix, count=count, rank=20)
 
 
-@pytest.mark.parametrize("size", [1024, 2048])
+@pytest.mark.parametrize("size", [256, 1024, 2048])
 def test_square_leaf_memory(size):
-  # The randomized path writes the direction over the sampled block one half
-  # at a time, so the update of an N x N leaf needs at most the leaf's size
-  # in temporary memory: the block is half of it.
+  # The randomized path writes the direction over the sampled block a
+  # quarter at a time, so the update of an N x N leaf needs at most the
+  # leaf's size in temporary memory: the block is half of it.
   transformation = simba_optax.simba()
   leaf = jax.ShapeDtypeStruct((size, size), jnp.float32)
   state = jax.eval_shape(transformation.init, leaf)
