@@ -39,6 +39,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import loaders
+from examples import arguments
 from examples import datasets
 
 # Encoder widths after the input; the decoder mirrors them.
@@ -170,12 +171,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       help="network shape and activation (default: curves with --curves, else mnist)",
   )
   data.add_argument(
-      "--encoder-sizes", nargs="+", type=common._positive_int, default=None, metavar="WIDTH",
+      "--encoder-sizes", nargs="+", type=arguments.positive_int, default=None, metavar="WIDTH",
       help="encoder widths after the input, the last being the code (default: the paper's on"
       " MNIST and CURVES, DIGITS_ENCODER_SIZES on digits)",
   )
   data.add_argument(
-      "--eval-subset", type=common._positive_int, default=None, metavar="N",
+      "--eval-subset", type=arguments.positive_int, default=None, metavar="N",
       help="evaluate the train and test MSE on the first N test images and a fixed N train"
       " images (default: all)",
   )

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 import simba_optax
 from benchmarks import _timing
+from examples import arguments
 
 # The paper's learning-rate grid (Tsipinakis & Parpas 2023, section 4).
 PAPER_LR_GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1, 5e-1, 1.0)
@@ -664,25 +665,11 @@ def command_line(argv: Sequence[str] | None) -> str:
 # Command line
 
 
-def _positive_int(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-  return value
-
-
-def _positive_float(text: str) -> float:
-  value = float(text)
-  if not value > 0.0:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-  return value
-
-
 def _learning_rate_override(text: str) -> tuple[str, float]:
   label, separator, value = text.rpartition("=")
   if not separator or not label:
     raise argparse.ArgumentTypeError(f"expected LABEL=VALUE such as simba=0.05, got {text!r}")
-  return label, _positive_float(value)
+  return label, arguments.positive_float(value)
 
 
 def add_common_arguments(
@@ -705,11 +692,11 @@ def add_common_arguments(
       " and the optimizers' random draws (default: 0 1 2)",
   )
   if steps is not None:
-    runs.add_argument("--steps", type=_positive_int, default=steps,
+    runs.add_argument("--steps", type=arguments.positive_int, default=steps,
                       help=f"optimizer steps per run (default: {steps})")
-    runs.add_argument("--eval-every", type=_positive_int, default=eval_every,
+    runs.add_argument("--eval-every", type=arguments.positive_int, default=eval_every,
                       help=f"steps between evaluations (default: {eval_every})")
-  runs.add_argument("--batch-size", type=_positive_int, default=128,
+  runs.add_argument("--batch-size", type=arguments.positive_int, default=128,
                     help="examples per step (default: 128, as in the paper)")
 
   rates = parser.add_argument_group("learning rates")
@@ -719,7 +706,7 @@ def add_common_arguments(
       " evaluation runs",
   )
   rates.add_argument(
-      "--grid-values", nargs="+", type=_positive_float, default=list(PAPER_LR_GRID),
+      "--grid-values", nargs="+", type=arguments.positive_float, default=list(PAPER_LR_GRID),
       help="learning rates of the grid (default: the paper's grid "
       + " ".join(f"{lr:g}" for lr in PAPER_LR_GRID) + ")",
   )
@@ -735,7 +722,7 @@ def add_common_arguments(
   )
 
   simba = parser.add_argument_group("Simba")
-  simba.add_argument("--rank", type=_positive_int, default=20,
+  simba.add_argument("--rank", type=arguments.positive_int, default=20,
                      help="eigenpairs computed per matrix (default: 20)")
   simba.add_argument("--eps", type=float, default=1e-8,
                      help="floor on the singular values (default: 1e-8)")

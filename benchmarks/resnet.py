@@ -44,6 +44,7 @@ import optax
 
 from benchmarks import common
 from benchmarks import loaders
+from examples import arguments
 
 STEP_DECAY_FACTOR = 0.2  # divide by 5, as in the paper
 COSINE_FLOOR = 0.02
@@ -183,14 +184,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       help="CIFAR-10 python batches folder (data_batch_1..5, test_batch) (default:"
       " scikit-learn's digits as 8 x 8 x 1 images)",
   )
-  data.add_argument("--depth", type=common._positive_int, default=8,
+  data.add_argument("--depth", type=arguments.positive_int, default=8,
                     help="ResNet depth 6n + 2: 8, 14, 20, 56, 110 ... (default: 8)")
   data.add_argument(
-      "--width", type=common._positive_int, default=None,
+      "--width", type=arguments.positive_int, default=None,
       help="channels of the first stage; the others have 2 and 4 times as many (default: 16"
       " on CIFAR-10 as in He et al., 8 on digits)",
   )
-  data.add_argument("--epochs", type=common._positive_int, default=12,
+  data.add_argument("--epochs", type=arguments.positive_int, default=12,
                     help="training epochs (default: 12)")
   data.add_argument(
       "--schedule", choices=("step", "cosine", "constant"), default="step",

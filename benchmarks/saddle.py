@@ -47,6 +47,7 @@ from scipy import integrate
 from scipy import stats
 
 from benchmarks import common
+from examples import arguments
 
 
 def target_matrix(width: int, largest: float, smallest: float) -> tuple[np.ndarray, ...]:
@@ -187,18 +188,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       " seconds until the loss falls below a threshold."
   )
   problem = parser.add_argument_group("problem")
-  problem.add_argument("--depth", type=common._positive_int, default=3,
+  problem.add_argument("--depth", type=arguments.positive_int, default=3,
                        help="number of weight matrices, at least 2 (default: 3)")
-  problem.add_argument("--width", type=common._positive_int, default=16,
+  problem.add_argument("--width", type=arguments.positive_int, default=16,
                        help="size of the square matrices (default: 16)")
-  problem.add_argument("--init-scale", type=common._positive_float, default=1e-3,
+  problem.add_argument("--init-scale", type=arguments.positive_float, default=1e-3,
                        help="singular value a of each starting matrix; the product starts at"
                        " a**depth (default: 1e-3)")
-  problem.add_argument("--largest-singular-value", type=common._positive_float, default=1.0,
+  problem.add_argument("--largest-singular-value", type=arguments.positive_float, default=1.0,
                        help="largest singular value of the target (default: 1)")
-  problem.add_argument("--smallest-singular-value", type=common._positive_float, default=0.1,
+  problem.add_argument("--smallest-singular-value", type=arguments.positive_float, default=0.1,
                        help="smallest singular value of the target (default: 0.1)")
-  problem.add_argument("--threshold", type=common._positive_float, default=0.01,
+  problem.add_argument("--threshold", type=arguments.positive_float, default=0.01,
                        help="escape threshold as a fraction of the starting loss (default: 0.01)")
   common.add_common_arguments(parser, steps=2000, eval_every=50)
   args = parser.parse_args(argv)

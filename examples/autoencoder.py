@@ -56,6 +56,7 @@ import optax
 from flax.training.train_state import TrainState
 from tqdm.auto import tqdm
 
+from examples import arguments
 from examples import datasets
 
 # Encoder widths after the input. The decoder mirrors them.
@@ -384,20 +385,6 @@ def describe_environment() -> dict[str, object]:
     }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0.0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
@@ -413,7 +400,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "of IDX files or an mnist.npz) instead of the scikit-learn digits",
     )
     data.add_argument(
-        "--encoder-sizes", nargs="+", type=_positive_int, default=None, metavar="WIDTH",
+        "--encoder-sizes", nargs="+", type=arguments.positive_int, default=None, metavar="WIDTH",
         help="widths of the encoder layers after the input, ending with the code layer. "
         "The decoder mirrors them (default: "
         f"{' '.join(map(str, DIGITS_ENCODER_SIZES))} for digits, "
@@ -427,16 +414,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     for name in OPTIMIZER_NAMES:
         training.add_argument(
-            f"--lr-{name}", type=_positive_float, default=None, metavar="LR",
+            f"--lr-{name}", type=arguments.positive_float, default=None, metavar="LR",
             help=f"learning rate for {name} (default: {DIGITS_LEARNING_RATES[name]:g} "
             f"on digits, {MNIST_LEARNING_RATES[name]:g} on MNIST)",
         )
     training.add_argument(
-        "--steps", type=_positive_int, default=DEFAULT_STEPS,
+        "--steps", type=arguments.positive_int, default=DEFAULT_STEPS,
         help=f"optimizer steps per optimizer (default: {DEFAULT_STEPS})",
     )
     training.add_argument(
-        "--batch-size", type=_positive_int, default=128,
+        "--batch-size", type=arguments.positive_int, default=128,
         help="examples per step (default: 128)",
     )
     training.add_argument(
@@ -445,7 +432,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "Simba's row sampling (default: 0)",
     )
     training.add_argument(
-        "--eval-every", type=_positive_int, default=DEFAULT_EVAL_EVERY,
+        "--eval-every", type=arguments.positive_int, default=DEFAULT_EVAL_EVERY,
         help="steps between evaluations of the MSE on the whole train and test sets "
         f"(default: {DEFAULT_EVAL_EVERY})",
     )
