@@ -134,7 +134,7 @@ def build_problem(
       data={"train": train},
       init=init,
       loss=loss,
-      batch_indices=lambda seed, steps: common.epoch_batches(len(x_train), batch_size, steps, seed),
+      batch_indices=lambda seed, steps: datasets.epoch_batch_indices(len(x_train), batch_size, steps, seed),
       evaluate=evaluate,
       grid_objective=grid_objective,
       plot_metrics=(("train_loss", "train MSE", True), ("test_loss", "test MSE", True)),

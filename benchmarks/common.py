@@ -256,27 +256,6 @@ def muon_matrix_dimension_numbers(params: Any) -> Any:
 # Training
 
 
-def epoch_batches(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
-  """Return ``(steps, batch_size)`` example indices, a fresh permutation each epoch.
-
-  The examples left over after the last full batch of an epoch are skipped
-  in that epoch only.
-  """
-  if batch_size > num_examples:
-    raise ValueError(
-        f"batch size {batch_size} is larger than the {num_examples} training"
-        " examples; pass a smaller --batch-size."
-    )
-  rng = np.random.default_rng(seed)
-  per_epoch = num_examples // batch_size
-  epochs = -(-steps // per_epoch)
-  batches = [
-      rng.permutation(num_examples)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-      for _ in range(epochs)
-  ]
-  return np.concatenate(batches)[:steps].astype(np.int32)
-
-
 def make_train_chunk(problem: Problem, spec: OptimizerSpec) -> Callable[..., Any]:
   """Return a function that takes one optimizer step per row of ``indices``.
 

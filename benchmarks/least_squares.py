@@ -39,6 +39,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import loaders
+from examples import datasets
 
 # The paper's Figure 4 on Gisette (n = 5000): 25 and 250 rows, 10% and 50%.
 GISETTE_COARSE_SIZES = ("25", "250", "0.1", "0.5")
@@ -101,7 +102,7 @@ def build_problem(data: loaders.BinaryDataset, name: str, title: str, batch_size
       data={"features": features, "labels": labels},
       init=init_fn,
       loss=loss,
-      batch_indices=lambda seed, steps: common.epoch_batches(examples, batch_size, steps, seed),
+      batch_indices=lambda seed, steps: datasets.epoch_batch_indices(examples, batch_size, steps, seed),
       evaluate=evaluate,
       grid_objective=grid_objective,
       vectors_as_columns=True,

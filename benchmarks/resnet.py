@@ -45,6 +45,7 @@ import optax
 from benchmarks import common
 from benchmarks import loaders
 from examples import arguments
+from examples import datasets
 
 STEP_DECAY_FACTOR = 0.2  # divide by 5, as in the paper
 COSINE_FLOOR = 0.02
@@ -153,7 +154,7 @@ def build_problem(name: str, title: str, split: loaders.ImageSplit, depth: int, 
       data={"x": x_train, "y": y_train},
       init=init,
       loss=loss,
-      batch_indices=lambda seed, steps: common.epoch_batches(len(x_train), batch_size, steps, seed),
+      batch_indices=lambda seed, steps: datasets.epoch_batch_indices(len(x_train), batch_size, steps, seed),
       evaluate=evaluate,
       selection_metric="batch_loss",
       schedule=schedule,

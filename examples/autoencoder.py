@@ -169,31 +169,6 @@ def make_optimizer(
     )
 
 
-def make_batch_indices(
-    num_examples: int, batch_size: int, steps: int, seed: int
-) -> np.ndarray:
-    """Return a ``(steps, batch_size)`` array of example indices, shuffled once per epoch.
-
-    Each epoch is a fresh permutation cut into full batches. The few examples left
-    over at the end of an epoch are skipped in that epoch only.
-    """
-    if batch_size > num_examples:
-        raise ValueError(
-            f"batch size {batch_size} is larger than the {num_examples} training "
-            "examples; pass a smaller --batch-size."
-        )
-    rng = np.random.default_rng(seed)
-    batches_per_epoch = num_examples // batch_size
-    epochs = -(-steps // batches_per_epoch)
-    batches = [
-        rng.permutation(num_examples)[: batches_per_epoch * batch_size].reshape(
-            batches_per_epoch, batch_size
-        )
-        for _ in range(epochs)
-    ]
-    return np.concatenate(batches)[:steps].astype(np.int32)
-
-
 def reconstruction_mse(apply_fn, params, images: jax.Array) -> jax.Array:
     """Return the mean squared reconstruction error over all pixels of ``images``."""
     reconstructions = apply_fn({"params": params}, images)
@@ -491,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     model = build_model(input_size, encoder_sizes)
     params = model.init(jax.random.key(args.seed), data.x_train[:1])["params"]
     parameter_count = sum(leaf.size for leaf in jax.tree.leaves(params))
-    batch_indices = make_batch_indices(
+    batch_indices = datasets.epoch_batch_indices(
         len(data.x_train), args.batch_size, args.steps, args.seed
     )
     layer_sizes = [input_size, *encoder_sizes, *reversed(encoder_sizes[:-1]), input_size]

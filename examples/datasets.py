@@ -72,6 +72,31 @@ def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> ImageDataset
     return ImageDataset(x_train, y_train, x_test, y_test)
 
 
+def epoch_batch_indices(
+    num_examples: int, batch_size: int, steps: int, seed: int
+) -> np.ndarray:
+    """Return a ``(steps, batch_size)`` array of example indices, shuffled once per epoch.
+
+    Each epoch is a fresh permutation cut into full batches. The few examples left
+    over at the end of an epoch are skipped in that epoch only.
+    """
+    if batch_size > num_examples:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the {num_examples} training "
+            "examples; pass a smaller --batch-size."
+        )
+    rng = np.random.default_rng(seed)
+    batches_per_epoch = num_examples // batch_size
+    epochs = -(-steps // batches_per_epoch)
+    batches = [
+        rng.permutation(num_examples)[: batches_per_epoch * batch_size].reshape(
+            batches_per_epoch, batch_size
+        )
+        for _ in range(epochs)
+    ]
+    return np.concatenate(batches)[:steps].astype(np.int32)
+
+
 def load_mnist(path: str | Path) -> ImageDataset:
     """Load MNIST from a folder of IDX files or from a Keras-style ``mnist.npz``.
 

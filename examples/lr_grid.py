@@ -38,6 +38,7 @@ import optax
 from flax.training.train_state import TrainState
 
 from examples import autoencoder
+from examples import datasets
 
 GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1, 5e-1)
 
@@ -79,7 +80,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, dict[str, list[dict[str, flo
         _, data, encoder_sizes = autoencoder.load_data(None, seed)
         model = autoencoder.build_model(data.x_train.shape[1], encoder_sizes)
         params = model.init(jax.random.key(seed), data.x_train[:1])["params"]
-        batch_indices = autoencoder.make_batch_indices(
+        batch_indices = datasets.epoch_batch_indices(
             len(data.x_train), args.batch_size, args.steps, seed
         )
         args.seed_for_simba = seed

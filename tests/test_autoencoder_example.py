@@ -231,27 +231,6 @@ def test_build_model_rejects_empty_encoder():
         autoencoder.build_model(64, [])
 
 
-def test_batch_indices_shuffle_each_epoch():
-    indices = autoencoder.make_batch_indices(num_examples=10, batch_size=3, steps=7, seed=0)
-
-    assert indices.shape == (7, 3)
-    # Three full batches per epoch: within an epoch no example repeats.
-    for epoch in range(2):
-        epoch_indices = indices[3 * epoch : 3 * epoch + 3].ravel()
-        assert len(set(epoch_indices.tolist())) == 9
-    assert indices.min() >= 0
-    assert indices.max() < 10
-    np.testing.assert_array_equal(
-        indices, autoencoder.make_batch_indices(10, 3, 7, seed=0)
-    )
-    assert not np.array_equal(indices, autoencoder.make_batch_indices(10, 3, 7, seed=1))
-
-
-def test_batch_indices_reject_oversized_batch():
-    with pytest.raises(ValueError, match="batch size 11 is larger than the 10 training examples"):
-        autoencoder.make_batch_indices(num_examples=10, batch_size=11, steps=1, seed=0)
-
-
 def test_make_optimizer_rejects_unknown_name():
     with pytest.raises(ValueError, match="Unknown optimizer 'rmsprop'"):
         autoencoder.make_optimizer("rmsprop", 1e-3)

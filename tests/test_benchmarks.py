@@ -245,16 +245,6 @@ def test_muon_vector_as_column_normalised():
   assert 0.5 < np.linalg.norm(update) < 1.5
 
 
-def test_epoch_batches_are_permutations():
-  batches = common.epoch_batches(10, 3, steps=7, seed=0)
-  assert batches.shape == (7, 3)
-  for epoch in range(2):
-    rows = batches[3 * epoch : 3 * epoch + 3].ravel()
-    assert len(set(rows.tolist())) == 9
-  with pytest.raises(ValueError, match="batch size"):
-    common.epoch_batches(2, 3, steps=1, seed=0)
-
-
 def test_coarse_options_parsed():
   assert least_squares.coarse_options("25", 5000) == ("simba n_l=25", {"coarse_rows": 25})
   assert least_squares.coarse_options("0.05", 64) == ("simba n_l=4 (0.05n)", {"coarse_fraction": 0.05})
