@@ -361,6 +361,10 @@ def describe_environment() -> dict[str, object]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
             "Train a deep sigmoid autoencoder (Hinton & Salakhutdinov 2006) with several "
@@ -402,7 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="examples per step (default: 128)",
     )
     training.add_argument(
-        "--seed", type=int, default=0,
+        "--seed", type=arguments.seed, default=0,
         help="seed of the initial parameters, the batch order, the digits split and "
         "Simba's row sampling (default: 0)",
     )
@@ -414,16 +418,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     simba = parser.add_argument_group("Simba")
     simba.add_argument(
-        "--coarse-fraction", type=float, default=0.5,
+        "--coarse-fraction", type=arguments.fraction, default=0.5,
         help="fraction of each parameter's rows (output units) updated per step "
         "(default: 0.5)",
     )
     simba.add_argument(
-        "--rank", type=int, default=20,
+        "--rank", type=arguments.positive_int, default=20,
         help="number of leading eigenpairs in the preconditioner (default: 20)",
     )
     simba.add_argument(
-        "--eps", type=float, default=1e-8,
+        "--eps", type=arguments.non_negative_float, default=1e-8,
         help="floor on the singular values of the sampled rows (default: 1e-8)",
     )
 
@@ -436,39 +440,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     output.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Run the comparison from command-line arguments and return the results.json content."""
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     run_start = time.perf_counter()
 
-    # Build the optimizers first so that invalid Simba settings fail before any work.
-    default_rates = DIGITS_LEARNING_RATES if args.mnist is None else MNIST_LEARNING_RATES
-    learning_rates = {}
-    for name in args.optimizers:
-        requested_rate = getattr(args, f"lr_{name}")
-        learning_rates[name] = default_rates[name] if requested_rate is None else requested_rate
-    optimizers = {
-        name: make_optimizer(
-            name, learning_rates[name], coarse_fraction=args.coarse_fraction,
-            rank=args.rank, eps=args.eps, seed=args.seed,
-        )
-        for name in args.optimizers
-    }
+    # Everything that can reject the settings runs before any training. A value that
+    # passed argparse but not the library, a missing data file or a batch larger than
+    # the data is reported as a usage error.
+    try:
+        default_rates = DIGITS_LEARNING_RATES if args.mnist is None else MNIST_LEARNING_RATES
+        learning_rates = {}
+        for name in args.optimizers:
+            requested_rate = getattr(args, f"lr_{name}")
+            learning_rates[name] = (
+                default_rates[name] if requested_rate is None else requested_rate
+            )
+        optimizers = {
+            name: make_optimizer(
+                name, learning_rates[name], coarse_fraction=args.coarse_fraction,
+                rank=args.rank, eps=args.eps, seed=args.seed,
+            )
+            for name in args.optimizers
+        }
 
-    dataset_name, data, encoder_sizes = load_data(args.mnist, args.seed)
-    if args.encoder_sizes is not None:
-        encoder_sizes = tuple(args.encoder_sizes)
-    input_size = data.x_train.shape[1]
+        dataset_name, data, encoder_sizes = load_data(args.mnist, args.seed)
+        if args.encoder_sizes is not None:
+            encoder_sizes = tuple(args.encoder_sizes)
+        input_size = data.x_train.shape[1]
+        batch_indices = datasets.epoch_batch_indices(
+            len(data.x_train), args.batch_size, args.steps, args.seed
+        )
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
 
     model = build_model(input_size, encoder_sizes)
     params = model.init(jax.random.key(args.seed), data.x_train[:1])["params"]
     parameter_count = sum(leaf.size for leaf in jax.tree.leaves(params))
-    batch_indices = datasets.epoch_batch_indices(
-        len(data.x_train), args.batch_size, args.steps, args.seed
-    )
     layer_sizes = [input_size, *encoder_sizes, *reversed(encoder_sizes[:-1]), input_size]
     print(
         f"{dataset_name}: {len(data.x_train)} train and {len(data.x_test)} test images, "
