@@ -262,10 +262,29 @@ def resolve_dimension_numbers(spec: DimensionNumbersSpec, tree: Any) -> Any:
     return jax.tree.map(
         lambda _, dims: dims, tree, spec, is_leaf=_is_tree_leaf
     )
-  except (ValueError, TypeError) as error:
+  except (ValueError, TypeError):
     raise ValueError(
         "simba: dimension_numbers must be None, one SimbaDimensionNumbers,"
         " a tree of them with the structure of the parameters, or a callable"
         " that returns one of these; the tree given does not match the"
-        f" parameters: {error}"
+        f" parameters: {_tree_difference(tree, spec)}."
     ) from None
+
+
+def _tree_difference(tree: Any, spec: Any) -> str:
+  """Describes how the leaf paths of a dimension-numbers tree differ from ``tree``'s."""
+  tree_paths = [
+      jax.tree_util.keystr(path)
+      for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_tree_leaf)[0]
+  ]
+  spec_paths = [
+      jax.tree_util.keystr(path)
+      for path, _ in jax.tree_util.tree_flatten_with_path(
+          spec, is_leaf=lambda x: x is None or is_dimension_numbers(x)
+      )[0]
+  ]
+  missing = [path for path in tree_paths if path not in spec_paths]
+  unexpected = [path for path in spec_paths if path not in tree_paths]
+  if missing or unexpected:
+    return f"missing leaves {missing}, unexpected leaves {unexpected}"
+  return "the same leaf paths, but other container types"

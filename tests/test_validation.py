@@ -105,8 +105,19 @@ def test_scalar_with_batch_axes_rejected():
 def test_dimension_tree_mismatch():
   params = {"a": jnp.zeros((3, 4)), "b": jnp.zeros((4,))}
   tx = simba_optax.simba(dimension_numbers={"a": SimbaDimensionNumbers()})
-  with pytest.raises(ValueError, match="does not match the parameters"):
+  with pytest.raises(ValueError, match="does not match the parameters") as info:
     tx.init(params)
+
+  assert "missing leaves [\"['b']\"]" in str(info.value)
+
+
+def test_dimension_tree_extra_leaf_named():
+  params = {"a": jnp.zeros((3, 4))}
+  tx = simba_optax.simba(dimension_numbers={"a": None, "x": SimbaDimensionNumbers()})
+  with pytest.raises(ValueError, match="does not match the parameters") as info:
+    tx.init(params)
+
+  assert "unexpected leaves [\"['x']\"]" in str(info.value)
 
 
 def test_dimension_callable_checked_at_init():
