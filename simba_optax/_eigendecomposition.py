@@ -224,6 +224,11 @@ def _r_factor(a: jax.Array, axis: int) -> jax.Array:
 
   def read(start, size):
     block = _read_piece(a, start, size, axis)
+    # Passed through a flat, unchangeable form, so that LAPACK's column-major
+    # layout is made for this piece and not for the whole of a: XLA would
+    # otherwise keep a column-major copy of a for the loop.
+    flat = jax.lax.optimization_barrier(block.reshape(-1))
+    block = flat.reshape(block.shape)
     return block if axis == -2 else _transpose(block)
 
   def stack_on(r, start, size):
