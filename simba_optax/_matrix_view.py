@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from simba_optax import _validation
+
 
 class SimbaDimensionNumbers(NamedTuple):
   """Axes of a parameter leaf that form Simba's matrices.
@@ -267,24 +269,15 @@ def resolve_dimension_numbers(spec: DimensionNumbersSpec, tree: Any) -> Any:
         "simba: dimension_numbers must be None, one SimbaDimensionNumbers,"
         " a tree of them with the structure of the parameters, or a callable"
         " that returns one of these; the tree given does not match the"
-        f" parameters: {_tree_difference(tree, spec)}."
+        f" parameters: {_spec_difference(tree, spec)}."
     ) from None
 
 
-def _tree_difference(tree: Any, spec: Any) -> str:
+def _spec_difference(tree: Any, spec: Any) -> str:
   """Describes how the leaf paths of a dimension-numbers tree differ from ``tree``'s."""
-  tree_paths = [
-      jax.tree_util.keystr(path)
-      for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_tree_leaf)[0]
-  ]
-  spec_paths = [
-      jax.tree_util.keystr(path)
-      for path, _ in jax.tree_util.tree_flatten_with_path(
-          spec, is_leaf=lambda x: x is None or is_dimension_numbers(x)
-      )[0]
-  ]
-  missing = [path for path in tree_paths if path not in spec_paths]
-  unexpected = [path for path in spec_paths if path not in tree_paths]
-  if missing or unexpected:
-    return f"missing leaves {missing}, unexpected leaves {unexpected}"
-  return "the same leaf paths, but other container types"
+  is_spec_leaf = lambda x: x is None or is_dimension_numbers(x)  # noqa: E731
+  difference = _validation.leaf_path_difference(
+      tree, spec,
+      is_leaf=lambda x: _is_tree_leaf(x) or is_spec_leaf(x),
+  )
+  return difference or "the same leaf paths, but other container types"

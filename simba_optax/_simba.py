@@ -483,13 +483,10 @@ def _check_gradient_tree(gradients: Any, momentum: Any) -> None:
       momentum, is_leaf=_is_empty
   )
   if gradient_def != buffer_def:
-    gradient_paths = [jax.tree_util.keystr(path) for path, _ in gradient_leaves]
-    buffer_paths = [jax.tree_util.keystr(path) for path, _ in buffer_leaves]
-    missing = [path for path in buffer_paths if path not in gradient_paths]
-    unexpected = [path for path in gradient_paths if path not in buffer_paths]
-    if missing or unexpected:
-      difference = f"missing leaves {missing}, unexpected leaves {unexpected}"
-    else:
+    difference = _validation.leaf_path_difference(
+        momentum, gradients, is_leaf=_is_empty
+    )
+    if difference is None:
       difference = f"structure {gradient_def} instead of {buffer_def}"
     raise ValueError(
         "simba: the gradient tree does not match the tree of the state built"

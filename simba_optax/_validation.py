@@ -112,3 +112,21 @@ def check_static_fraction(name: str, value: Any) -> float:
       hint="It is the share of rows sampled each step: use 1.0 for all rows.",
   )
   return float(value)
+
+
+def leaf_path_difference(expected: Any, given: Any, is_leaf=None) -> str | None:
+  """Names the leaves that ``given`` lacks or adds relative to ``expected``.
+
+  Both trees are flattened with ``is_leaf``. Returns ``"missing leaves
+  [...], unexpected leaves [...]"``, or ``None`` when the leaf paths agree.
+  """
+  def paths(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return [jax.tree_util.keystr(path) for path, _ in leaves]
+
+  expected_paths, given_paths = paths(expected), paths(given)
+  missing = [path for path in expected_paths if path not in given_paths]
+  unexpected = [path for path in given_paths if path not in expected_paths]
+  if not missing and not unexpected:
+    return None
+  return f"missing leaves {missing}, unexpected leaves {unexpected}"
