@@ -164,18 +164,14 @@ def inverse_root_direction(
     An all-zero block gives an all-zero ``D``, and a block that contains a
     NaN or an infinity an all-NaN ``D``.
   """
-  # Scale by the largest magnitude. The direction is invariant to the scale
-  # of A once eps is scaled with it.
+  # Scale by the largest magnitude, NaN for a block with a NaN or an
+  # infinity, which makes its direction all NaN.
   scale = _largest_magnitude(block)[0, 0]
-  safe_scale = jnp.where(scale > 0, scale, 1.0)
-  floor = jnp.asarray(eps, block.dtype) / safe_scale
-  direction = _scaled_directions(
-      (block / safe_scale)[None], key[None], floor[None], rank=rank,
+  safe_scale = jnp.where(scale > 0, scale, 1.0) + scale * 0
+  return inverse_root_directions(
+      block[None], key[None], safe_scale[None], rank=rank, eps=eps,
       oversampling=oversampling, power_iterations=power_iterations,
   )[0]
-  # Adding scale * 0, NaN for a block that contains a NaN or an infinity,
-  # keeps such a block's direction NaN whatever LAPACK returns for it.
-  return direction + scale * 0
 
 
 def _largest_magnitude(blocks: jax.Array) -> jax.Array:
@@ -201,9 +197,12 @@ def _piece_length(blocks: jax.Array) -> int:
   wide, so that stacking the ``width x width`` factor ``R`` on each piece
   adds at most 25% to the flops of one QR of the whole block.
   """
-  rows, columns = blocks.shape[-2:]
-  width = min(rows, columns)
-  batch = math.prod(blocks.shape[:-2])
+  return _length_of_pieces(blocks.shape[-2:], math.prod(blocks.shape[:-2]))
+
+
+def _length_of_pieces(shape: tuple[int, int], batch: int) -> int:
+  """Returns ``_piece_length`` for a batch of ``batch`` blocks of ``shape``."""
+  width = min(shape)
   return max(_PIECE_ENTRIES // (width * batch), 4 * width)
 
 
@@ -224,9 +223,9 @@ def _r_factor(a: jax.Array, axis: int) -> jax.Array:
 
   def read(start, size):
     block = _read_piece(a, start, size, axis)
-    # Passed through a flat, unchangeable form, so that LAPACK's column-major
-    # layout is made for this piece and not for the whole of a: XLA would
-    # otherwise keep a column-major copy of a for the loop.
+    # A flat optimization barrier makes XLA convert only this piece to
+    # LAPACK's column-major layout. Without it, XLA keeps a column-major copy
+    # of all of a for the loop.
     flat = jax.lax.optimization_barrier(block.reshape(-1))
     block = flat.reshape(block.shape)
     return block if axis == -2 else _transpose(block)
@@ -412,8 +411,7 @@ def divides_in_place(shape: tuple[int, int], batch: int) -> bool:
   ``inverse_root_directions``). Other blocks should be passed already
   divided by their scales, with ``divided=True``.
   """
-  width = min(shape)
-  return max(shape) > max(_PIECE_ENTRIES // (width * batch), 4 * width)
+  return max(shape) > _length_of_pieces(shape, batch)
 
 
 def inverse_root_directions(
