@@ -8,56 +8,52 @@ import argparse
 import math
 
 # scikit-learn accepts seeds (random_state) in [0, 2**32 - 1].
-_LARGEST_SEED = 2**32 - 1
+_MAX_SEED = 2**32 - 1
 
 
-def _number(text: str, kind, expected: str):
+def _parse(text: str, kind, expected: str, is_valid):
+    """Converts ``text`` with ``kind`` and raises unless ``is_valid`` accepts the value."""
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+        value = None
+    if value is None or not is_valid(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """Parses an integer of at least 1."""
-    expected = "an integer of at least 1"
-    value = _number(text, int, expected)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
-    return value
+    return _parse(text, int, "an integer of at least 1", lambda value: value >= 1)
 
 
 def positive_float(text: str) -> float:
     """Parses a finite number greater than 0."""
-    expected = "a finite number greater than 0"
-    value = _number(text, float, expected)
-    if not (math.isfinite(value) and value > 0.0):
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
-    return value
+    return _parse(
+        text, float, "a finite number greater than 0",
+        lambda value: math.isfinite(value) and value > 0.0,
+    )
 
 
 def non_negative_float(text: str) -> float:
     """Parses a finite number of at least 0."""
-    expected = "a finite number of at least 0"
-    value = _number(text, float, expected)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
-    return value
+    return _parse(
+        text, float, "a finite number of at least 0",
+        lambda value: math.isfinite(value) and value >= 0.0,
+    )
 
 
 def fraction(text: str) -> float:
     """Parses a number in (0, 1]."""
-    expected = "a number greater than 0 and at most 1"
-    value = _number(text, float, expected)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
-    return value
+    return _parse(
+        text, float, "a number greater than 0 and at most 1",
+        lambda value: 0.0 < value <= 1.0,
+    )
 
 
 def seed(text: str) -> int:
     """Parses a seed, an integer in [0, 2**32 - 1]."""
-    expected = f"an integer from 0 to {_LARGEST_SEED}"
-    value = _number(text, int, expected)
-    if not 0 <= value <= _LARGEST_SEED:
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
-    return value
+    return _parse(
+        text, int, f"an integer from 0 to {_MAX_SEED}",
+        lambda value: 0 <= value <= _MAX_SEED,
+    )
